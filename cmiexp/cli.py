@@ -1,0 +1,104 @@
+"""The ``cmiexp`` command: one Hydra entry point for every objective.
+
+User errors (``CmiexpError``) print one line and exit non-zero; set ``hydra.verbose=true`` for
+the stack trace. In a ``-m`` sweep a failing job is recorded in its run directory and the
+sweep goes on; the command exits non-zero at the end if any job failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from cmiexp.config import CONF_DIR, register_resolvers
+from cmiexp.errors import CmiexpError
+
+register_resolvers()
+log = logging.getLogger("cmiexp")
+
+_failures: list[tuple[str, str]] = []
+
+
+def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None) -> None:
+    """Mark the run as failed in its results.json without touching a completed result."""
+    from cmiexp.io import atomic_write_json, atomic_write_text
+    from cmiexp.train.runner import RESULTS, SCHEMA, read_results
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        prior = read_results(run_dir) or {}
+        if prior.get("status") == "completed":
+            return
+        prior.update(
+            schema=SCHEMA, status="failed", error=message,
+            experiment=cfg.get("experiment_name", "default"), task=cfg.task.get("name"),
+            model=cfg.model.get("name"), objective=cfg.objective.get("name"), seed=cfg.get("seed"),
+            teacher_objective=cfg.objective.get("teacher_objective"), run_dir=str(run_dir.resolve()),
+        )
+        atomic_write_json(run_dir / RESULTS, prior)
+        atomic_write_text(run_dir / "error.txt", message + "\n" + (tb or ""))
+    except Exception:  # noqa: BLE001 - recording a failure must not hide the failure itself
+        log.debug("could not record failure in %s", run_dir, exc_info=True)
+
+
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _entry(cfg: DictConfig):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from cmiexp.train.runner import Preempted, run_experiment
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    verbose = bool(hc.verbose)
+    try:
+        return run_experiment(cfg, run_dir)
+    except Preempted as e:
+        print(f"cmiexp: {e}", file=sys.stderr)
+        sys.exit(143)
+    except CmiexpError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if _is_rank_zero():
+            _record_failure(run_dir, cfg, msg, traceback.format_exc() if verbose else None)
+        log.error("%s", msg)
+        if verbose:
+            raise
+        if not multirun:
+            print(f"cmiexp: error: {msg}", file=sys.stderr)
+            sys.exit(1)
+        _failures.append((str(run_dir), msg))
+    except Exception as e:  # noqa: BLE001
+        if not multirun:
+            raise  # a bug: keep the traceback
+        # In a sweep, one broken job must not take the others down.
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if _is_rank_zero():
+            _record_failure(run_dir, cfg, msg, traceback.format_exc())
+        log.exception("job failed: %s", run_dir)
+        _failures.append((str(run_dir), msg))
+    return None
+
+
+def main() -> None:
+    _entry()
+    if _failures:
+        print(f"cmiexp: {len(_failures)} job(s) failed:", file=sys.stderr)
+        for d, m in _failures:
+            print(f"  {d}: {m}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

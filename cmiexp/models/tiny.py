@@ -1,0 +1,168 @@
+"""Offline tiny models: the real Hugging Face architectures at toy sizes.
+
+A tiny model is built from a config with random weights (fixed seed) and a tokenizer
+trained locally on the task's training text, then saved with ``save_pretrained``. The
+runner loads it back through the same ``from_pretrained`` calls it uses for hub models,
+so every offline test exercises the real loading path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from cmiexp.errors import ConfigError
+
+ARCHITECTURES = ("bert", "distilbert", "roberta", "gpt2", "t5")
+
+# Special tokens per tokenizer family (the ids follow the real checkpoints' conventions).
+_BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+_ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_GPT2_SPECIALS = ["<|endoftext|>"]
+_T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
+
+
+def _train_wordpiece(texts: Iterable[str], vocab_size: int):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_BERT_SPECIALS))
+    return BertTokenizer(vocab=tok.get_vocab(), do_lower_case=True)
+
+
+def _train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def _train_unigram(texts: Iterable[str], vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(
+        texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=_T5_SPECIALS, unk_token="<unk>")
+    )
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def build_tokenizer(arch: str, texts: Iterable[str], vocab_size: int):
+    if arch in ("bert", "distilbert"):
+        return _train_wordpiece(texts, vocab_size)
+    if arch == "roberta":
+        from transformers import RobertaTokenizer
+
+        vocab, merges = _train_bytelevel_bpe(texts, vocab_size, _ROBERTA_SPECIALS)
+        return RobertaTokenizer(vocab=vocab, merges=merges)
+    if arch == "gpt2":
+        from transformers import GPT2Tokenizer
+
+        vocab, merges = _train_bytelevel_bpe(texts, vocab_size, _GPT2_SPECIALS)
+        tok = GPT2Tokenizer(vocab=vocab, merges=merges)
+        tok.pad_token = tok.eos_token  # GPT-2 has no pad token; the classifier finds the last non-pad token
+        return tok
+    if arch == "t5":
+        return _train_unigram(texts, vocab_size)
+    raise ConfigError(f"unknown model.tiny.architecture={arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
+
+
+def build_config(arch: str, spec, tokenizer):
+    """A transformers config for ``arch`` with the tiny dimensions in ``spec``."""
+    from transformers import BertConfig, DistilBertConfig, GPT2Config, RobertaConfig, T5Config
+
+    v = len(tokenizer)
+    h, n_layers, n_heads = int(spec.hidden_size), int(spec.num_layers), int(spec.num_heads)
+    ff = int(spec.intermediate_size)
+    max_pos = int(spec.get("max_position_embeddings", 512))
+    if arch == "bert":
+        return BertConfig(vocab_size=v, hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                          intermediate_size=ff, max_position_embeddings=max_pos, pad_token_id=tokenizer.pad_token_id)
+    if arch == "distilbert":
+        return DistilBertConfig(vocab_size=v, dim=h, n_layers=n_layers, n_heads=n_heads, hidden_dim=ff,
+                                max_position_embeddings=max_pos, pad_token_id=tokenizer.pad_token_id)
+    if arch == "roberta":
+        # RoBERTa offsets positions by padding_idx + 1, hence the two extra positions.
+        return RobertaConfig(vocab_size=v, hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                             intermediate_size=ff, max_position_embeddings=max_pos + 2,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=v, n_embd=h, n_layer=n_layers, n_head=n_heads, n_inner=ff, n_positions=max_pos,
+                          bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+    if arch == "t5":
+        return T5Config(vocab_size=v, d_model=h, d_ff=ff, num_layers=n_layers, num_decoder_layers=n_layers,
+                        num_heads=n_heads, d_kv=max(h // n_heads, 8), feed_forward_proj="gated-gelu",
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                        decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    raise ConfigError(f"unknown model.tiny.architecture={arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
+
+
+def tiny_model_dir(cache_dir: str | Path, model_name: str, spec, texts_hash: str) -> Path:
+    spec_json = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True, default=str)
+    key = hashlib.sha256(f"{spec_json}|{texts_hash}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / "tiny-models" / f"{model_name}-{key}"
+
+
+def hash_texts(texts: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "replace"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def ensure_tiny_model(cache_dir: str | Path, model_name: str, spec, texts: list[str]) -> Path:
+    """Build (once) and return the folder holding the tiny model and its tokenizer.
+
+    The folder is written under a temporary name and renamed into place, so concurrent
+    processes (sweeps, distributed ranks) never see a half-written model.
+    """
+    from transformers import AutoModel, AutoModelForSeq2SeqLM
+
+    arch = spec.architecture
+    out = tiny_model_dir(cache_dir, model_name, spec, hash_texts(texts))
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tokenizer = build_tokenizer(arch, texts, int(spec.vocab_size))
+        config = build_config(arch, spec, tokenizer)
+        # The "pretrained" weights of a tiny model are a fixed random draw, independent of the run seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(spec.get("init_seed", 0)))
+            model = AutoModelForSeq2SeqLM.from_config(config) if arch == "t5" else AutoModel.from_config(config)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():  # lost a race only if the winner finished
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,65 @@
+"""Evaluation: gather predictions from every process (without the duplicated tail samples
+that distributed samplers add) and compute the task's metrics plus CMI diagnostics."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def model_inputs(batch: dict, input_keys: set[str]) -> dict:
+    return {k: v for k, v in batch.items() if k in input_keys}
+
+
+@torch.no_grad()
+def predict(model, loader, accelerator, input_keys: set[str]) -> dict[str, torch.Tensor]:
+    """Run ``model`` over ``loader``; return gathered fp32 ``logits``, ``labels`` and ``idx`` on CPU."""
+    was_training = model.training
+    model.eval()
+    logits, labels, idx = [], [], []
+    for batch in loader:
+        out = model(**model_inputs(batch, input_keys))
+        lg, lb, ix = accelerator.gather_for_metrics((out.logits.float(), batch["labels"], batch["idx"]))
+        logits.append(lg.cpu())
+        labels.append(lb.cpu())
+        idx.append(ix.cpu())
+    model.train(was_training)
+    return {"logits": torch.cat(logits), "labels": torch.cat(labels), "idx": torch.cat(idx)}
+
+
+def metrics_from_predictions(pred: dict[str, torch.Tensor], task) -> dict[str, float]:
+    from cmiexp.metrics import compute_metrics
+
+    logits, labels = pred["logits"], pred["labels"]
+    out: dict[str, float] = {"num_samples": int(labels.shape[0])}
+    if task.is_regression:
+        preds = logits.squeeze(-1)
+        out["loss"] = float(F.mse_loss(preds, labels.float()))
+        out.update(compute_metrics(task.metrics, preds.numpy(), labels.numpy()))
+        return out
+    out["loss"] = float(F.cross_entropy(logits, labels.long()))
+    out.update(compute_metrics(task.metrics, logits.argmax(-1).numpy(), labels.numpy()))
+    out.update(cmi_diagnostics_safe(logits, labels, task.num_labels))
+    return out
+
+
+def cmi_diagnostics_safe(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """CMI, Γ and NCMI of the output distribution on this split (every classification run)."""
+    try:
+        from cmiexp.objectives.cmi import cmi_diagnostics
+    except ImportError:  # the CMI module is optional while it is being developed
+        return {}
+    present = torch.unique(labels.long())
+    if present.numel() < 2:  # Γ needs two classes; a one-class subset has no separation
+        return {}
+    return {k: float(v) for k, v in cmi_diagnostics(logits, labels.long(), num_classes).items()}
+
+
+def evaluate(model, loaders: dict, accelerator, task, input_keys: set[str]) -> dict[str, float]:
+    """Metrics of every eval split; the first split's keys are plain, the others prefixed ``<alias>_``."""
+    out: dict[str, float] = {}
+    for i, (alias, loader) in enumerate(loaders.items()):
+        m = metrics_from_predictions(predict(model, loader, accelerator, input_keys), task)
+        prefix = "" if i == 0 else f"{alias}_"
+        out.update({f"{prefix}{k}": v for k, v in m.items()})
+    return out

@@ -1,0 +1,481 @@
+"""One training run: data -> model -> Accelerate loop -> checkpoints, metrics and results.
+
+The loop knows nothing about objectives beyond the ``Objective`` interface; the math lives in
+``cmiexp/objectives``. Every file a run writes lives in its run directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cmiexp.errors import CmiexpError, ConfigError, DataError, TrainingDiverged
+from cmiexp.io import append_jsonl, atomic_write_json, atomic_write_text
+from cmiexp.train.checkpoint import (
+    TrainerState,
+    has_checkpoint,
+    load_training_state,
+    save_best,
+    save_training_state,
+)
+from cmiexp.train.evaluate import evaluate, model_inputs
+
+log = logging.getLogger("cmiexp")
+
+RESULTS = "results.json"
+METRICS = "metrics.jsonl"
+SCHEMA = 1
+
+
+class Preempted(CmiexpError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps and checkpoints before exiting."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. some launchers): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up immediately
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+
+
+def resolve_mixed_precision(value: str) -> str:
+    if value != "auto":
+        return value
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def read_results(run_dir: Path) -> dict | None:
+    import json
+
+    p = Path(run_dir) / RESULTS
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _parse_every(value, name: str) -> int | None:
+    """"epoch" -> None; a positive int -> steps."""
+    if value in (None, "epoch"):
+        return None
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={value!r} must be 'epoch' or a positive number of steps") from None
+    if v <= 0:
+        raise ConfigError(f"{name}={value!r} must be 'epoch' or a positive number of steps")
+    return v
+
+
+def _validate(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    for key in ("batch_size", "eval_batch_size", "grad_accum"):
+        if int(t[key]) <= 0:
+            raise ConfigError(f"trainer.{key}={t[key]} must be a positive integer")
+    if not (float(t.lr) > 0 and math.isfinite(float(t.lr))):
+        raise ConfigError(f"trainer.lr={t.lr} must be a positive number")
+    if t.scheduler not in ("linear", "cosine", "constant"):
+        raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")
+    if str(t.resume) not in ("auto", "True", "False", "true", "false"):
+        raise ConfigError(f"trainer.resume={t.resume!r}; valid choices: auto, true, false")
+
+
+def _optimizer(model, cfg):
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # Biases and normalisation weights are not decayed (standard BERT recipe).
+        (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+    t = cfg.trainer
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": float(t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=float(t.lr), betas=tuple(t.adam_betas), eps=float(t.adam_eps),
+    )
+
+
+def _scheduler(optimizer, cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    t = cfg.trainer
+    warmup = int(t.warmup_steps) if int(t.warmup_steps) > 0 else int(round(float(t.warmup_ratio) * total_steps))
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.scheduler]
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _quiet_libraries():
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+    except ImportError:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+class Run:
+    """State and steps of one run. ``execute()`` does everything and returns the results dict."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.stop = _StopFlag()
+
+    # ------------------------------------------------------------------ setup
+    def _setup_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, set_seed
+
+        t = self.cfg.trainer
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(str(t.mixed_precision)),
+            gradient_accumulation_steps=int(t.grad_accum),
+            cpu=bool(t.cpu),
+            # A seedable sampler makes the shuffle order a function of (seed, epoch): resume-safe
+            # and identical for 1 and N processes.
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        )
+        set_seed(int(self.cfg.seed))
+
+    def _setup_data_and_model(self):
+        from cmiexp.data import load_task
+        from cmiexp.data.tokenize import tokenize_split
+        from cmiexp.models.factory import default_cache_dir, load_model, load_tokenizer, resolve_model_path
+
+        cfg, acc = self.cfg, self.accelerator
+        cache_dir = default_cache_dir(cfg.paths)
+        # Rank 0 builds caches (tiny model, tokenised splits) first; the others then read them.
+        with acc.main_process_first():
+            task = load_task(cfg.task)
+            if task.train is None or len(task.train) == 0:
+                raise DataError(f"task={task.name} has no training data; choose a task with a train split")
+            if not task.eval_splits:
+                raise DataError(f"task={task.name} has no labelled dev split to evaluate on")
+            path = resolve_model_path(cfg.model, task, cache_dir)
+            tokenizer = load_tokenizer(path, cfg.model)
+            max_len = int(cfg.task.get("max_length", 128))
+            train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train")
+            evals = {a: tokenize_split(d, task, tokenizer, max_len, cache_dir, a) for a, d in task.eval_splits.items()}
+        for alias, d in {"train": train, **evals}.items():
+            if len(d) == 0:
+                raise DataError(f"task={task.name} split {alias!r} is empty")
+        with torch.random.fork_rng(devices=[]):
+            # The head's initialisation depends on the run seed only, not on what ran before.
+            torch.manual_seed(int(cfg.seed))
+            model = load_model(path, cfg.model, task, kind="classification", tokenizer=tokenizer)
+        self.task, self.tokenizer, self.model_path = task, tokenizer, path
+        self.train_ds, self.eval_ds = train, evals
+        self.model = model
+        self.input_keys = set(inspect.signature(model.forward).parameters) & {
+            "input_ids", "attention_mask", "token_type_ids", "position_ids"}
+
+    def _loaders(self):
+        from torch.utils.data import DataLoader
+        from transformers import DataCollatorWithPadding
+
+        t = self.cfg.trainer
+        cols = ["input_ids", "attention_mask", "labels", "idx"] + (
+            ["token_type_ids"] if "token_type_ids" in self.input_keys and "token_type_ids" in self.train_ds.column_names else [])
+        collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=None)
+
+        def make(ds, shuffle, bs):
+            ds = ds.with_format(columns=[c for c in cols if c in ds.column_names])
+            g = torch.Generator()
+            g.manual_seed(int(self.cfg.seed))
+            return DataLoader(ds, batch_size=bs, shuffle=shuffle, collate_fn=collate,
+                              num_workers=int(t.num_workers), generator=g)
+
+        self.train_loader = make(self.train_ds, True, int(t.batch_size))
+        self.full_train_loader = make(self.train_ds, False, int(t.eval_batch_size))
+        self.eval_loaders = {a: make(d, False, int(t.eval_batch_size)) for a, d in self.eval_ds.items()}
+        if t.eval_on_train:
+            n = min(int(t.eval_train_samples), len(self.train_ds))
+            self.eval_loaders["train"] = make(self.train_ds.select(range(n)), False, int(t.eval_batch_size))
+
+    # ------------------------------------------------------------------ results
+    def _base_results(self) -> dict:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = []
+        if HydraConfig.initialized():
+            overrides = list(HydraConfig.get().overrides.task)
+        cfg = self.cfg
+        return {
+            "schema": SCHEMA,
+            "status": "running",
+            "error": None,
+            "experiment": cfg.get("experiment_name", "default"),
+            "task": cfg.task.name,
+            "task_type": "regression" if getattr(self, "task", None) is not None and self.task.is_regression else "classification",
+            "model": cfg.model.name,
+            "objective": cfg.objective.name,
+            "teacher_objective": cfg.objective.get("teacher_objective"),
+            "teacher_model": cfg.objective.get("teacher_model"),
+            "seed": int(cfg.seed),
+            "primary_metric": getattr(getattr(self, "task", None), "primary_metric", cfg.task.get("primary_metric")),
+            "overrides": overrides,
+            "run_dir": str(self.run_dir.resolve()),
+        }
+
+    def _write_results(self, results: dict):
+        if self.accelerator.is_main_process:
+            atomic_write_json(self.run_dir / RESULTS, results)
+
+    # ------------------------------------------------------------------ main
+    def execute(self) -> dict:
+        from tqdm.auto import tqdm
+
+        from cmiexp.metrics import METRIC_HIGHER_IS_BETTER
+        from cmiexp.models.factory import count_parameters
+        from cmiexp.objectives import TrainContext, build_objective
+        from cmiexp.train.tracking import make_tracker
+
+        _quiet_libraries()
+        _validate(self.cfg)
+        cfg, t = self.cfg, self.cfg.trainer
+        resume = str(t.resume).lower()
+        prior = read_results(self.run_dir)
+        if prior and prior.get("status") == "completed" and resume == "auto":
+            log.info("run already completed: %s (trainer.resume=false in a new run directory retrains)", self.run_dir)
+            return prior
+        if resume == "false" and (has_checkpoint(self.run_dir) or prior):
+            raise ConfigError(f"run directory {self.run_dir} already holds a run and trainer.resume=false; "
+                              "remove it or use trainer.resume=auto to continue it")
+        if resume == "true" and not has_checkpoint(self.run_dir):
+            raise ConfigError(f"trainer.resume=true but {self.run_dir}/checkpoint/latest does not exist")
+
+        self._setup_accelerator()
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        self._setup_data_and_model()
+        self._loaders()
+        trainable, total = count_parameters(self.model)
+        results = self._base_results()
+        results.update(trainable_params=trainable, total_params=total,
+                       num_train_samples=len(self.train_ds),
+                       num_eval_samples={a: len(d) for a, d in self.eval_ds.items()})
+        self._write_results(results)
+
+        optimizer = _optimizer(self.model, cfg)
+        steps_per_epoch_global = math.ceil(len(self.train_ds) / (int(t.batch_size) * acc.num_processes))
+        updates_per_epoch = math.ceil(steps_per_epoch_global / int(t.grad_accum))
+        total_steps = int(t.max_steps) if int(t.max_steps) > 0 else updates_per_epoch * int(t.epochs)
+        num_epochs = math.ceil(total_steps / updates_per_epoch)
+        scheduler = _scheduler(optimizer, cfg, total_steps)
+
+        model, optimizer, train_loader, full_loader, scheduler = acc.prepare(
+            self.model, optimizer, self.train_loader, self.full_train_loader, scheduler)
+        eval_loaders = {a: acc.prepare(l) for a, l in self.eval_loaders.items()}
+        ctx = TrainContext(accelerator=acc, model=model, task=self.task, cfg=cfg, run_dir=self.run_dir,
+                           full_train_loader=full_loader, num_train_examples=len(self.train_ds))
+        ctx.extra["input_keys"] = self.input_keys
+        objective = build_objective(cfg, ctx)
+
+        state = TrainerState(task=self.task.name, model=cfg.model.name, num_labels=self.task.num_labels)
+        if resume != "false" and has_checkpoint(self.run_dir):
+            state = load_training_state(acc, self.run_dir, objective, self.task.name, self.task.num_labels)
+            log.info("resuming %s at step %d (epoch %d, batch %d)", self.run_dir, state.global_step, state.epoch,
+                     state.batches_in_epoch)
+        ctx.global_step, ctx.epoch = state.global_step, state.epoch
+        objective.setup(ctx)
+
+        primary = self.task.primary_metric
+        higher = METRIC_HIGHER_IS_BETTER.get(primary, True)
+        eval_every = _parse_every(t.eval_every, "trainer.eval_every")
+        save_every = _parse_every(t.save_every, "trainer.save_every")
+        config_dict = OmegaConf.to_container(cfg, resolve=True)
+        import hashlib
+
+        run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]  # stable across resumes
+        tracker = make_tracker(cfg, config_dict, self.run_dir, run_id, acc.is_main_process)
+        stop_after = t.get("stop_after_steps")
+
+        def do_eval(epoch_end: bool) -> dict:
+            metrics = evaluate(model, eval_loaders, acc, self.task, self.input_keys)
+            record = {"step": state.global_step, "epoch": state.epoch + (1 if epoch_end else 0),
+                      "lr": scheduler.get_last_lr()[0], **{f"dev/{k}": v for k, v in metrics.items()}}
+            if not math.isfinite(metrics.get(primary, float("nan"))):
+                raise TrainingDiverged(f"primary metric {primary} is not finite at step {state.global_step}")
+            better = state.best_metric is None or (
+                metrics[primary] > state.best_metric if higher else metrics[primary] < state.best_metric)
+            if better:
+                state.best_metric, state.best_step = metrics[primary], state.global_step
+                state.best_epoch, state.best_metrics = record["epoch"], dict(metrics)
+                if t.save_best:
+                    save_best(acc, model, self.tokenizer, self.run_dir,
+                              {"step": state.global_step, "metric": primary, "value": metrics[primary]})
+            if acc.is_main_process:
+                append_jsonl(self.run_dir / METRICS, record)
+                tracker.log(record, state.global_step)
+                log.info("eval step %d: %s", state.global_step,
+                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+            return metrics
+
+        self.stop.install()
+        start = time.time()
+        time_before = state.train_time_s
+        samples_at_start = state.samples_seen
+        last_metrics: dict = {}
+        running_loss, running_n = 0.0, 0
+        interrupted = False
+        pbar = tqdm(total=total_steps, initial=state.global_step, desc="train",
+                    disable=not (acc.is_local_main_process and t.progress_bar), dynamic_ncols=True)
+        try:
+            model.train()
+            while state.epoch < num_epochs and state.global_step < total_steps:
+                epoch = state.epoch
+                ctx.epoch = epoch
+                train_loader.set_epoch(epoch)
+                objective.on_epoch_start(ctx, epoch)
+                model.train()
+                loader = train_loader
+                if state.batches_in_epoch:
+                    from accelerate import skip_first_batches
+
+                    loader = skip_first_batches(train_loader, state.batches_in_epoch)
+                for batch in loader:
+                    with acc.accumulate(model):
+                        outputs = model(**model_inputs(batch, self.input_keys))
+                        loss, extra = objective.loss(batch, outputs, ctx)
+                        if not torch.isfinite(loss.detach()):
+                            raise TrainingDiverged(
+                                f"loss is {loss.item()} at step {state.global_step} (epoch {epoch}); lower trainer.lr "
+                                "or check the objective's weights")
+                        acc.backward(loss)
+                        if acc.sync_gradients and t.max_grad_norm:
+                            acc.clip_grad_norm_(model.parameters(), float(t.max_grad_norm))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+                    state.batches_in_epoch += 1
+                    state.samples_seen += int(batch["labels"].shape[0]) * acc.num_processes
+                    running_loss += float(loss.detach())
+                    running_n += 1
+                    if not acc.sync_gradients:
+                        continue
+                    state.global_step += 1
+                    ctx.global_step = state.global_step
+                    objective.after_step(ctx)
+                    pbar.update(1)
+                    if state.global_step % int(t.log_every) == 0 and acc.is_main_process:
+                        rec = {"train/loss": running_loss / max(running_n, 1), "train/lr": scheduler.get_last_lr()[0],
+                               **{f"train/{k}": v for k, v in extra.items()}}
+                        tracker.log(rec, state.global_step)
+                        pbar.set_postfix(loss=f"{rec['train/loss']:.4f}")
+                        running_loss, running_n = 0.0, 0
+                    if eval_every and state.global_step % eval_every == 0:
+                        last_metrics = do_eval(False)
+                        model.train()
+                    done = state.global_step >= total_steps
+                    if not done and save_every and state.global_step % save_every == 0:
+                        state.train_time_s = time_before + time.time() - start
+                        save_training_state(acc, self.run_dir, state, objective)
+                    if self.stop.signum is not None or (stop_after and state.global_step >= int(stop_after)):
+                        interrupted = True
+                        break
+                    if done:
+                        break
+                if interrupted:
+                    break
+                # End of epoch (or of max_steps): evaluate, then move the data position on.
+                if eval_every is None or state.global_step >= total_steps:
+                    last_metrics = do_eval(True)
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                state.train_time_s = time_before + time.time() - start
+                if state.global_step < total_steps:
+                    save_training_state(acc, self.run_dir, state, objective)
+        finally:
+            pbar.close()
+            self.stop.restore()
+
+        state.train_time_s = time_before + time.time() - start
+        if interrupted:
+            save_training_state(acc, self.run_dir, state, objective)
+            results.update(status="interrupted", global_step=state.global_step)
+            self._write_results(results)
+            tracker.finish()
+            if self.stop.signum is not None:
+                raise Preempted(f"stopped by signal {self.stop.signum} at step {state.global_step}; "
+                                f"checkpoint saved, re-run the same command to resume")
+            log.info("stopped after %d steps (trainer.stop_after_steps); checkpoint saved", state.global_step)
+            return results
+
+        if not last_metrics:
+            last_metrics = do_eval(True)
+        # Keep the final training state too: a finished run can be extended with more epochs.
+        save_training_state(acc, self.run_dir, state, objective)
+        new_samples = state.samples_seen - samples_at_start
+        elapsed = time.time() - start
+        results.update(
+            status="completed",
+            best={"step": state.best_step, "epoch": state.best_epoch, "metrics": state.best_metrics},
+            final={"step": state.global_step, "epoch": state.epoch, "metrics": last_metrics},
+            global_step=state.global_step,
+            epochs=num_epochs,
+            wall_time_s=state.train_time_s,
+            train_samples_per_s=new_samples / elapsed if elapsed > 0 else None,
+            peak_memory_mb=_peak_memory_mb(acc.device),
+            num_processes=acc.num_processes,
+            mixed_precision=acc.mixed_precision,
+        )
+        results.update(objective_summary=getattr(objective, "summary", lambda: {})())
+        self._write_results(results)
+        if acc.is_main_process:
+            tracker.summary({f"best/{k}": v for k, v in state.best_metrics.items()}
+                            | {f"final/{k}": v for k, v in last_metrics.items()}
+                            | {"wall_time_s": results["wall_time_s"]})
+        tracker.finish()
+        return results
+
+
+def run_experiment(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Run (or resume, or skip if complete) the experiment described by ``cfg``."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir
+    return Run(cfg, run_dir).execute()
