@@ -46,6 +46,29 @@ def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None
         log.debug("could not record failure in %s", run_dir, exc_info=True)
 
 
+def format_results_table(results: dict) -> str:
+    """A small end-of-run table: best and final dev metrics, plus cost."""
+    best = (results.get("best") or {}).get("metrics") or {}
+    final = (results.get("final") or {}).get("metrics") or {}
+    head = (f"{results.get('task')} | {results.get('model')} | {results.get('objective')} | seed {results.get('seed')}"
+            f" | status {results.get('status')}")
+    lines = [head, f"{'metric':<24}{'best':>12}{'final':>12}"]
+    skip = {"num_samples"}
+    for k in [k for k in best if k not in skip] + [k for k in final if k not in best and k not in skip]:
+        def fmt(v):
+            return f"{v:12.4f}" if isinstance(v, (int, float)) else f"{'-':>12}"
+        lines.append(f"{k:<24}{fmt(best.get(k))}{fmt(final.get(k))}")
+    if results.get("best"):
+        lines.append(f"best at step {results['best'].get('step')} (primary: {results.get('primary_metric')})")
+    if results.get("wall_time_s") is not None:
+        sps = results.get("train_samples_per_s")
+        lines.append(f"train time {results['wall_time_s']:.1f} s, {sps or 0:.1f} samples/s, "
+                     f"peak memory {results.get('peak_memory_mb', 0):.0f} MB")
+    lines.append(f"run dir: {results.get('run_dir')}")
+    width = max(len(line) for line in lines)
+    return "\n".join(["=" * width, *lines, "=" * width])
+
+
 def _is_rank_zero() -> bool:
     import os
 
@@ -64,7 +87,10 @@ def _entry(cfg: DictConfig):
     multirun = hc.mode == RunMode.MULTIRUN
     verbose = bool(hc.verbose)
     try:
-        return run_experiment(cfg, run_dir)
+        results = run_experiment(cfg, run_dir)
+        if _is_rank_zero():
+            print(format_results_table(results))
+        return results
     except Preempted as e:
         print(f"cmiexp: {e}", file=sys.stderr)
         sys.exit(143)

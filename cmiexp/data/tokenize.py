@@ -31,7 +31,7 @@ def dataset_fingerprint(dataset, columns) -> str:
     h = hashlib.sha256()
     for c in columns:
         h.update(c.encode())
-        h.update(json.dumps(dataset[c], default=str).encode())
+        h.update(json.dumps(dataset[c][:], default=str).encode())  # [:] reads the whole column (datasets 5 returns a lazy Column)
     return h.hexdigest()[:20]
 
 

@@ -79,7 +79,7 @@ class TrainContext:
 
     @property
     def is_regression(self) -> bool:
-        return self.task.is_regression
+        return bool(getattr(self.task, "is_regression", False))
 
 
 class Objective:
@@ -103,6 +103,13 @@ class Objective:
 
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         """At the start of every training epoch (also the first)."""
+
+    def compute_loss(self, model, batch: dict, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, float]]:
+        """Forward pass(es) and loss. The default runs the model once on the batch's model inputs
+        and calls ``loss``; objectives needing several passes (e.g. CoT branches) override this."""
+        keys = ctx.extra.get("input_keys") or {"input_ids", "attention_mask", "token_type_ids"}
+        outputs = model(**{k: v for k, v in batch.items() if k in keys})
+        return self.loss(batch, outputs, ctx)
 
     def loss(self, batch: dict, outputs: Any, ctx: TrainContext) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss and a dict of extra scalars to log (detached floats)."""

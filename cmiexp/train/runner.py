@@ -27,7 +27,7 @@ from cmiexp.train.checkpoint import (
     save_best,
     save_training_state,
 )
-from cmiexp.train.evaluate import evaluate, model_inputs
+from cmiexp.train.evaluate import evaluate
 
 log = logging.getLogger("cmiexp")
 
@@ -141,6 +141,11 @@ def _quiet_libraries():
     transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+def _batch_len(batch: dict) -> int:
+    return int(next(v for v in batch.values() if hasattr(v, "shape")).shape[0])
 
 
 def _peak_memory_mb(device) -> float:
@@ -152,6 +157,92 @@ def _peak_memory_mb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
     except ImportError:  # pragma: no cover - non-POSIX
         return float("nan")
+
+
+class ClassificationAdapter:
+    """Sequence classification / regression with a Hugging Face head (encoders and decoders).
+
+    An adapter owns what differs between task families: data, model kind, batches and
+    evaluation. The loop, checkpoints and outputs are shared (see ``register_adapter``)."""
+
+    task_type = "classification"
+
+    def setup(self, run):
+        from cmiexp.data import load_task
+        from cmiexp.data.tokenize import tokenize_split
+        from cmiexp.models.factory import default_cache_dir, load_model, load_tokenizer, resolve_model_path
+
+        cfg, acc = run.cfg, run.accelerator
+        cache_dir = default_cache_dir(cfg.paths)
+        # Rank 0 builds caches (tiny model, tokenised splits) first; the others then read them.
+        with acc.main_process_first():
+            task = load_task(cfg.task)
+            if task.train is None or len(task.train) == 0:
+                raise DataError(f"task={task.name} has no training data; choose a task with a train split")
+            if not task.eval_splits:
+                raise DataError(f"task={task.name} has no labelled dev split to evaluate on")
+            path = resolve_model_path(cfg.model, task, cache_dir)
+            tokenizer = load_tokenizer(path, cfg.model)
+            max_len = int(cfg.task.get("max_length", 128))
+            train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train")
+            evals = {a: tokenize_split(d, task, tokenizer, max_len, cache_dir, a) for a, d in task.eval_splits.items()}
+        for alias, d in {"train": train, **evals}.items():
+            if len(d) == 0:
+                raise DataError(f"task={task.name} split {alias!r} is empty")
+        with torch.random.fork_rng(devices=[]):
+            # The head's initialisation depends on the run seed only, not on what ran before.
+            torch.manual_seed(int(cfg.seed))
+            model = load_model(path, cfg.model, task, kind="classification", tokenizer=tokenizer)
+        run.task, run.tokenizer, run.model_path = task, tokenizer, path
+        run.train_ds, run.eval_ds = train, evals
+        run.model = model
+        run.input_keys = set(inspect.signature(model.forward).parameters) & {
+            "input_ids", "attention_mask", "token_type_ids", "position_ids"}
+
+    def loaders(self, run):
+        from torch.utils.data import DataLoader
+        from transformers import DataCollatorWithPadding
+
+        t = run.cfg.trainer
+        cols = ["input_ids", "attention_mask", "labels", "idx"] + (
+            ["token_type_ids"] if "token_type_ids" in run.input_keys and "token_type_ids" in run.train_ds.column_names else [])
+        collate = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=None)
+
+        def make(ds, shuffle, bs):
+            ds = ds.with_format(columns=[c for c in cols if c in ds.column_names])
+            g = torch.Generator()
+            g.manual_seed(int(run.cfg.seed))
+            return DataLoader(ds, batch_size=bs, shuffle=shuffle, collate_fn=collate,
+                              num_workers=int(t.num_workers), generator=g)
+
+        run.train_loader = make(run.train_ds, True, int(t.batch_size))
+        run.full_train_loader = make(run.train_ds, False, int(t.eval_batch_size))
+        run.eval_loaders = {a: make(d, False, int(t.eval_batch_size)) for a, d in run.eval_ds.items()}
+        if t.eval_on_train:
+            n = min(int(t.eval_train_samples), len(run.train_ds))
+            run.eval_loaders["train"] = make(run.train_ds.select(range(n)), False, int(t.eval_batch_size))
+
+    def evaluate(self, run, model, eval_loaders) -> dict:
+        return evaluate(model, eval_loaders, run.accelerator, run.task, run.input_keys)
+
+    def finalize(self, run, model, results: dict) -> None:
+        """Hook after training (e.g. test-set predictions); results may be extended in place."""
+
+
+_ADAPTERS: dict[str, str] = {"default": "cmiexp.train.runner:ClassificationAdapter"}
+
+
+def register_adapter(loader: str, target: str) -> None:
+    """Task loaders whose tasks need another adapter (e.g. ``cot`` -> seq2seq generation)."""
+    _ADAPTERS[loader] = target
+
+
+def make_adapter(cfg):
+    import importlib
+
+    target = _ADAPTERS.get(str(cfg.task.get("loader")), _ADAPTERS["default"])
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)()
 
 
 class Run:
@@ -178,61 +269,6 @@ class Run:
         )
         set_seed(int(self.cfg.seed))
 
-    def _setup_data_and_model(self):
-        from cmiexp.data import load_task
-        from cmiexp.data.tokenize import tokenize_split
-        from cmiexp.models.factory import default_cache_dir, load_model, load_tokenizer, resolve_model_path
-
-        cfg, acc = self.cfg, self.accelerator
-        cache_dir = default_cache_dir(cfg.paths)
-        # Rank 0 builds caches (tiny model, tokenised splits) first; the others then read them.
-        with acc.main_process_first():
-            task = load_task(cfg.task)
-            if task.train is None or len(task.train) == 0:
-                raise DataError(f"task={task.name} has no training data; choose a task with a train split")
-            if not task.eval_splits:
-                raise DataError(f"task={task.name} has no labelled dev split to evaluate on")
-            path = resolve_model_path(cfg.model, task, cache_dir)
-            tokenizer = load_tokenizer(path, cfg.model)
-            max_len = int(cfg.task.get("max_length", 128))
-            train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train")
-            evals = {a: tokenize_split(d, task, tokenizer, max_len, cache_dir, a) for a, d in task.eval_splits.items()}
-        for alias, d in {"train": train, **evals}.items():
-            if len(d) == 0:
-                raise DataError(f"task={task.name} split {alias!r} is empty")
-        with torch.random.fork_rng(devices=[]):
-            # The head's initialisation depends on the run seed only, not on what ran before.
-            torch.manual_seed(int(cfg.seed))
-            model = load_model(path, cfg.model, task, kind="classification", tokenizer=tokenizer)
-        self.task, self.tokenizer, self.model_path = task, tokenizer, path
-        self.train_ds, self.eval_ds = train, evals
-        self.model = model
-        self.input_keys = set(inspect.signature(model.forward).parameters) & {
-            "input_ids", "attention_mask", "token_type_ids", "position_ids"}
-
-    def _loaders(self):
-        from torch.utils.data import DataLoader
-        from transformers import DataCollatorWithPadding
-
-        t = self.cfg.trainer
-        cols = ["input_ids", "attention_mask", "labels", "idx"] + (
-            ["token_type_ids"] if "token_type_ids" in self.input_keys and "token_type_ids" in self.train_ds.column_names else [])
-        collate = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=None)
-
-        def make(ds, shuffle, bs):
-            ds = ds.with_format(columns=[c for c in cols if c in ds.column_names])
-            g = torch.Generator()
-            g.manual_seed(int(self.cfg.seed))
-            return DataLoader(ds, batch_size=bs, shuffle=shuffle, collate_fn=collate,
-                              num_workers=int(t.num_workers), generator=g)
-
-        self.train_loader = make(self.train_ds, True, int(t.batch_size))
-        self.full_train_loader = make(self.train_ds, False, int(t.eval_batch_size))
-        self.eval_loaders = {a: make(d, False, int(t.eval_batch_size)) for a, d in self.eval_ds.items()}
-        if t.eval_on_train:
-            n = min(int(t.eval_train_samples), len(self.train_ds))
-            self.eval_loaders["train"] = make(self.train_ds.select(range(n)), False, int(t.eval_batch_size))
-
     # ------------------------------------------------------------------ results
     def _base_results(self) -> dict:
         from hydra.core.hydra_config import HydraConfig
@@ -247,7 +283,8 @@ class Run:
             "error": None,
             "experiment": cfg.get("experiment_name", "default"),
             "task": cfg.task.name,
-            "task_type": "regression" if getattr(self, "task", None) is not None and self.task.is_regression else "classification",
+            "task_type": ("regression" if getattr(getattr(self, "task", None), "is_regression", False)
+                          else getattr(getattr(self, "adapter", None), "task_type", "classification")),
             "model": cfg.model.name,
             "objective": cfg.objective.name,
             "teacher_objective": cfg.objective.get("teacher_objective"),
@@ -290,8 +327,9 @@ class Run:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        self._setup_data_and_model()
-        self._loaders()
+        self.adapter = make_adapter(cfg)
+        self.adapter.setup(self)
+        self.adapter.loaders(self)
         trainable, total = count_parameters(self.model)
         results = self._base_results()
         results.update(trainable_params=trainable, total_params=total,
@@ -314,9 +352,10 @@ class Run:
         ctx.extra["input_keys"] = self.input_keys
         objective = build_objective(cfg, ctx)
 
-        state = TrainerState(task=self.task.name, model=cfg.model.name, num_labels=self.task.num_labels)
+        num_labels = int(getattr(self.task, "num_labels", 0))
+        state = TrainerState(task=self.task.name, model=cfg.model.name, num_labels=num_labels)
         if resume != "false" and has_checkpoint(self.run_dir):
-            state = load_training_state(acc, self.run_dir, objective, self.task.name, self.task.num_labels)
+            state = load_training_state(acc, self.run_dir, objective, self.task.name, num_labels)
             log.info("resuming %s at step %d (epoch %d, batch %d)", self.run_dir, state.global_step, state.epoch,
                      state.batches_in_epoch)
         ctx.global_step, ctx.epoch = state.global_step, state.epoch
@@ -334,7 +373,7 @@ class Run:
         stop_after = t.get("stop_after_steps")
 
         def do_eval(epoch_end: bool) -> dict:
-            metrics = evaluate(model, eval_loaders, acc, self.task, self.input_keys)
+            metrics = self.adapter.evaluate(self, model, eval_loaders)
             record = {"step": state.global_step, "epoch": state.epoch + (1 if epoch_end else 0),
                       "lr": scheduler.get_last_lr()[0], **{f"dev/{k}": v for k, v in metrics.items()}}
             if not math.isfinite(metrics.get(primary, float("nan"))):
@@ -378,8 +417,7 @@ class Run:
                     loader = skip_first_batches(train_loader, state.batches_in_epoch)
                 for batch in loader:
                     with acc.accumulate(model):
-                        outputs = model(**model_inputs(batch, self.input_keys))
-                        loss, extra = objective.loss(batch, outputs, ctx)
+                        loss, extra = objective.compute_loss(model, batch, ctx)
                         if not torch.isfinite(loss.detach()):
                             raise TrainingDiverged(
                                 f"loss is {loss.item()} at step {state.global_step} (epoch {epoch}); lower trainer.lr "
@@ -391,7 +429,7 @@ class Run:
                         scheduler.step()
                         optimizer.zero_grad()
                     state.batches_in_epoch += 1
-                    state.samples_seen += int(batch["labels"].shape[0]) * acc.num_processes
+                    state.samples_seen += _batch_len(batch) * acc.num_processes
                     running_loss += float(loss.detach())
                     running_n += 1
                     if not acc.sync_gradients:
@@ -446,6 +484,7 @@ class Run:
 
         if not last_metrics:
             last_metrics = do_eval(True)
+        self.adapter.finalize(self, model, results)
         # Keep the final training state too: a finished run can be extended with more epochs.
         save_training_state(acc, self.run_dir, state, objective)
         new_samples = state.samples_seen - samples_at_start

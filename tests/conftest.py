@@ -1,0 +1,59 @@
+"""Shared fixtures: the real configs composed through Hydra, the ../shared data, tmp caches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+GLUE_DIR = SHARED_DATA / "glue"
+COT_DIR = SHARED_DATA / "cot"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache (tiny models, tokenised splits) for the whole session: built once, reused."""
+    return tmp_path_factory.mktemp("cmiexp-cache")
+
+
+@pytest.fixture
+def output_dir(tmp_path) -> Path:
+    d = tmp_path / "outputs"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def cmiexp_env(cache_dir, output_dir) -> dict:
+    env = dict(os.environ)
+    env.update(CMIEXP_CACHE_DIR=str(cache_dir), CMIEXP_OUTPUT_DIR=str(output_dir), WANDB_MODE="offline",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False):
+    """Compose the real configs (conf/) with Hydra's compose API."""
+    from hydra import compose, initialize_config_dir
+
+    from cmiexp.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+
+
+def run_cli(args: list[str], env: dict, cwd: Path | None = None, timeout: int = 600, check: bool = True):
+    """Run the real ``cmiexp`` command in a subprocess (as a user would)."""
+    proc = subprocess.run([sys.executable, "-m", "cmiexp", *args], env=env, cwd=cwd or REPO, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cmiexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(root).rglob("results.json"))
