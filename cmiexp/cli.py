@@ -117,7 +117,37 @@ def _entry(cfg: DictConfig):
     return None
 
 
+def group_options(group: str) -> list[str]:
+    """All options of a config group, nested ones included (``glue/rte``)."""
+    root = CONF_DIR / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_group_choices(argv: list[str]) -> str | None:
+    """An error line for ``group=option`` overrides naming an option that does not exist.
+
+    Hydra's own message lists only the top level of a group (not ``task/glue/*``), so we check
+    first and list every choice."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if "." in key or "/" in key or not (CONF_DIR / key).is_dir() or key == "hydra":
+            continue
+        options = group_options(key)
+        values = [v.strip() for v in value.strip("[]").split(",")] if not value.startswith(("range(", "choice(", "glob(", "interval(")) else []
+        for v in values:
+            if v and v != "null" and v not in options:
+                return f"unknown {key}={v!r}; valid choices: {', '.join(options)}"
+    return None
+
+
 def main() -> None:
+    err = check_group_choices(sys.argv[1:])
+    if err:
+        print(f"cmiexp: error: {err}", file=sys.stderr)
+        sys.exit(1)
     _entry()
     if _failures:
         print(f"cmiexp: {len(_failures)} job(s) failed:", file=sys.stderr)

@@ -12,7 +12,7 @@ from tests.conftest import GLUE_DIR, find_run_dirs, run_cli
 
 RTE_SMALL = [
     "task=glue/rte", f"task.data_dir={GLUE_DIR}", "task.max_train_samples=256", "task.max_eval_samples=64",
-    "trainer.progress_bar=false",
+    "task.max_length=64", "trainer.progress_bar=false",
 ]
 
 RESULT_FIELDS = {
@@ -99,8 +99,10 @@ def test_unknown_task_lists_choices(cmiexp_env):
     proc = run_cli(["task=glue/nope"], cmiexp_env, check=False)
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
-    assert "glue/nope" in err and "rte" in err and "sst2" in err
+    assert "glue/nope" in err and "glue/rte" in err and "glue/sst2" in err and "synthetic" in err
     assert "Traceback" not in err
+    proc = run_cli(["-m", "model=tiny-bert,tiny-brt"], cmiexp_env, check=False)
+    assert proc.returncode == 1 and "tiny-brt" in proc.stderr and "tiny-roberta" in proc.stderr
 
 
 def test_missing_data_dir_is_one_line_error(cmiexp_env, tmp_path, output_dir):
@@ -120,3 +122,37 @@ def test_bad_option_value_is_one_line_error(cmiexp_env):
     proc = run_cli(["trainer.scheduler=triangle"], cmiexp_env, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "trainer.scheduler" in proc.stderr and "linear" in proc.stderr
+
+
+SYNTH_TINY = ["task.num_train=96", "task.num_eval=48", "trainer.epochs=1", "trainer.progress_bar=false"]
+
+
+def test_hub_model_offline_points_to_tiny_models(cmiexp_env):
+    proc = run_cli(["model=bert-base-uncased", *SYNTH_TINY], cmiexp_env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("cmiexp: error:")]
+    assert "bert-base-uncased" in line and "tiny-bert" in line and "model.name_or_path" in line
+
+
+def test_wandb_offline_logger_writes_run(cmiexp_env, output_dir):
+    env = dict(cmiexp_env)
+    env.pop("WANDB_API_KEY", None)
+    run_cli(["logger=wandb", "logger.mode=auto", *SYNTH_TINY], env)
+    (run_dir,) = find_run_dirs(output_dir)
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, list((run_dir / "wandb").iterdir())
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
+    # The W&B logger does not change the run directory (logger keys are not part of its identity).
+    from cmiexp.config import run_suffix
+
+    identity = sorted(o for o in SYNTH_TINY if not o.startswith("trainer.progress_bar"))
+    assert run_dir.name == "seed0" + run_suffix(",".join(identity))
+
+
+@pytest.mark.parametrize("model", ["tiny-distilbert", "tiny-roberta", "tiny-gpt2"])
+def test_tiny_architectures_train(cmiexp_env, output_dir, model):
+    run_cli([f"model={model}", *SYNTH_TINY], cmiexp_env)
+    (run_dir,) = find_run_dirs(output_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "completed" and res["model"] == model
+    assert math.isfinite(res["final"]["metrics"]["loss"])
