@@ -170,7 +170,8 @@ class ClassificationAdapter:
     def setup(self, run):
         from cmiexp.data import load_task
         from cmiexp.data.tokenize import tokenize_split
-        from cmiexp.models.factory import default_cache_dir, load_model, load_tokenizer, resolve_model_path
+        from cmiexp.models.factory import default_cache_dir, load_tokenizer, resolve_model_path
+        from cmiexp.models.heads import apply_peft, build_classifier
 
         cfg, acc = run.cfg, run.accelerator
         cache_dir = default_cache_dir(cfg.paths)
@@ -192,7 +193,7 @@ class ClassificationAdapter:
         with torch.random.fork_rng(devices=[]):
             # The head's initialisation depends on the run seed only, not on what ran before.
             torch.manual_seed(int(cfg.seed))
-            model = load_model(path, cfg.model, task, kind="classification", tokenizer=tokenizer)
+            model = apply_peft(build_classifier(path, cfg, task, tokenizer), cfg)
         run.task, run.tokenizer, run.model_path = task, tokenizer, path
         run.train_ds, run.eval_ds = train, evals
         run.model = model
@@ -229,7 +230,8 @@ class ClassificationAdapter:
         """Hook after training (e.g. test-set predictions); results may be extended in place."""
 
 
-_ADAPTERS: dict[str, str] = {"default": "cmiexp.train.runner:ClassificationAdapter"}
+_ADAPTERS: dict[str, str] = {"default": "cmiexp.train.runner:ClassificationAdapter",
+                             "cot": "cmiexp.train.cot_adapter:CotAdapter"}
 
 
 def register_adapter(loader: str, target: str) -> None:
@@ -351,6 +353,9 @@ class Run:
                            full_train_loader=full_loader, num_train_examples=len(self.train_ds))
         ctx.extra["input_keys"] = self.input_keys
         objective = build_objective(cfg, ctx)
+        # Facts an objective learns while it is built (e.g. the objective/model of a KD teacher given
+        # as a path) replace the config's values in results.json.
+        results.update(getattr(objective, "result_fields", dict)())
 
         num_labels = int(getattr(self.task, "num_labels", 0))
         state = TrainerState(task=self.task.name, model=cfg.model.name, num_labels=num_labels)
