@@ -84,6 +84,14 @@ def _entry(cfg: DictConfig):
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if not _is_rank_zero():
+        # Under accelerate/torchrun every rank composes the same config and run directory; only
+        # rank 0 writes the log file (workers would interleave their lines into it).
+        root = logging.getLogger()
+        for h in list(root.handlers):
+            if isinstance(h, logging.FileHandler):
+                root.removeHandler(h)
+        root.setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
     verbose = bool(hc.verbose)
     try:

@@ -11,6 +11,8 @@ from cmiexp.errors import ConfigError
 LOADERS = {
     "synthetic": "cmiexp.data.synthetic:load_synthetic",
     "glue": "cmiexp.data.glue:load_glue",
+    "cot": "cmiexp.data.cot:load_cot",
+    "hub": "cmiexp.data.hub_tasks:load_hub_task",
 }
 
 

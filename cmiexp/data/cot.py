@@ -304,6 +304,25 @@ class CotData:
     def accuracy(self, preds, golds) -> float:
         return answer_accuracy(self.dataset, preds, golds)
 
+    # What the training runner reads from any task (TaskData has the same names).
+    @property
+    def primary_metric(self) -> str:
+        return self.metric
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric]
+
+    @property
+    def train_texts(self):
+        """Every input, rationale and label (gold and teacher) of the training split, for
+        building the offline tiny tokenizers. Both label columns are included whatever
+        ``label_source`` is, so runs that differ only in label source share one tokenizer."""
+        if self.train is None:
+            return
+        for col in ("input", "rationale", "label", "llm_label"):
+            yield from self.train[col][:]
+
 
 def _cfg_get(cfg, key: str, default=None):
     if cfg is None:

@@ -72,6 +72,23 @@ def load_tokenizer(path: str, model_cfg):
     return tok
 
 
+_DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout", "dropout",
+                 "attention_dropout", "seq_classif_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                 "summary_first_dropout", "dropout_rate")
+
+
+def dropout_overrides(path: str, model_cfg, common: dict) -> dict:
+    """``model.dropout=x`` sets every dropout probability the architecture's config has (e.g. 0.0
+    for bitwise-comparable runs across process counts, whose dropout masks otherwise differ)."""
+    p = model_cfg.get("dropout")
+    if p is None:
+        return {}
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, **common)
+    return {k: float(p) for k in _DROPOUT_KEYS if getattr(config, k, None) is not None}
+
+
 def load_model(path: str, model_cfg, task=None, kind: str = "classification", tokenizer=None):
     """Load the model for ``kind``: ``classification`` (sequence classification / regression head),
     ``seq2seq`` (encoder-decoder LM), ``causal_lm`` or ``base`` (no head)."""
@@ -79,6 +96,7 @@ def load_model(path: str, model_cfg, task=None, kind: str = "classification", to
 
     common = dict(revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
     try:
+        common.update(dropout_overrides(path, model_cfg, common))
         if kind == "classification":
             if task is None:
                 raise ValueError("a task is needed for a classification head")

@@ -48,7 +48,7 @@ def _import_builtin() -> None:
     # Importing the modules runs their @register_objective decorators.
     import importlib
 
-    for mod in ("ce", "cmi_objectives", "kd"):
+    for mod in ("ce", "cmi_objectives", "kd", "cot"):
         try:
             importlib.import_module(f"cmiexp.objectives.{mod}")
         except ModuleNotFoundError as e:  # a module another issue has not added yet

@@ -33,8 +33,13 @@ def metrics_from_predictions(pred: dict[str, torch.Tensor], task) -> dict[str, f
     logits, labels = pred["logits"], pred["labels"]
     out: dict[str, float] = {"num_samples": int(labels.shape[0])}
     if task.is_regression:
-        preds = logits.squeeze(-1)
-        out["loss"] = float(F.mse_loss(preds, labels.float()))
+        preds, labels = logits.squeeze(-1), labels.float()
+        out["loss"] = float(F.mse_loss(preds, labels))  # in the training scale
+        scale = (getattr(task, "extra", None) or {}).get("target_scale")
+        if scale:  # targets were normalised for training: report metrics in the original units
+            from cmiexp.data.targets import denormalize
+
+            preds, labels = denormalize(preds.double(), scale), denormalize(labels.double(), scale)
         out.update(compute_metrics(task.metrics, preds.numpy(), labels.numpy()))
         return out
     out["loss"] = float(F.cross_entropy(logits, labels.long()))

@@ -124,13 +124,16 @@ def _optimizer(model, cfg):
     )
 
 
-def _scheduler(optimizer, cfg, total_steps: int):
+def _scheduler(optimizer, cfg, total_steps: int, num_processes: int = 1):
     from transformers import get_scheduler
 
     t = cfg.trainer
     warmup = int(t.warmup_steps) if int(t.warmup_steps) > 0 else int(round(float(t.warmup_ratio) * total_steps))
     name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[t.scheduler]
-    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # Accelerate's prepared scheduler advances once per process at every optimizer step, so the
+    # schedule is laid out in those units to keep the lr curve independent of the process count.
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup * num_processes,
+                         num_training_steps=total_steps * num_processes)
 
 
 def _quiet_libraries():
@@ -171,13 +174,16 @@ class ClassificationAdapter:
         from cmiexp.data import load_task
         from cmiexp.data.tokenize import tokenize_split
         from cmiexp.models.factory import default_cache_dir, load_tokenizer, resolve_model_path
-        from cmiexp.models.heads import apply_peft, build_classifier
+        from cmiexp.data.targets import normalize_task_targets
+        from cmiexp.models.heads import apply_peft, build_classifier, input_suffix
 
         cfg, acc = run.cfg, run.accelerator
         cache_dir = default_cache_dir(cfg.paths)
         # Rank 0 builds caches (tiny model, tokenised splits) first; the others then read them.
         with acc.main_process_first():
             task = load_task(cfg.task)
+            # Regression targets: normalised with train statistics, metrics un-normalised (evaluate.py).
+            normalize_task_targets(task, cfg.task.get("normalize_targets"))
             if task.train is None or len(task.train) == 0:
                 raise DataError(f"task={task.name} has no training data; choose a task with a train split")
             if not task.eval_splits:
@@ -185,8 +191,10 @@ class ClassificationAdapter:
             path = resolve_model_path(cfg.model, task, cache_dir)
             tokenizer = load_tokenizer(path, cfg.model)
             max_len = int(cfg.task.get("max_length", 128))
-            train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train")
-            evals = {a: tokenize_split(d, task, tokenizer, max_len, cache_dir, a) for a, d in task.eval_splits.items()}
+            suffix = input_suffix(cfg, tokenizer)  # head=masking/generation: prompt appended to every input
+            train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train", suffix=suffix)
+            evals = {a: tokenize_split(d, task, tokenizer, max_len, cache_dir, a, suffix=suffix)
+                     for a, d in task.eval_splits.items()}
         for alias, d in {"train": train, **evals}.items():
             if len(d) == 0:
                 raise DataError(f"task={task.name} split {alias!r} is empty")
@@ -228,6 +236,8 @@ class ClassificationAdapter:
 
     def finalize(self, run, model, results: dict) -> None:
         """Hook after training (e.g. test-set predictions); results may be extended in place."""
+        if run.task.extra.get("target_scale"):
+            results["target_scale"] = run.task.extra["target_scale"]
 
 
 _ADAPTERS: dict[str, str] = {"default": "cmiexp.train.runner:ClassificationAdapter",
@@ -264,7 +274,8 @@ class Run:
         self.accelerator = Accelerator(
             mixed_precision=resolve_mixed_precision(str(t.mixed_precision)),
             gradient_accumulation_steps=int(t.grad_accum),
-            cpu=bool(t.cpu),
+            # Accelerate picks gloo for several CPU processes (torchrun/accelerate launch) only with cpu=True.
+            cpu=bool(t.cpu) or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()),
             # A seedable sampler makes the shuffle order a function of (seed, epoch): resume-safe
             # and identical for 1 and N processes.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -344,7 +355,7 @@ class Run:
         updates_per_epoch = math.ceil(steps_per_epoch_global / int(t.grad_accum))
         total_steps = int(t.max_steps) if int(t.max_steps) > 0 else updates_per_epoch * int(t.epochs)
         num_epochs = math.ceil(total_steps / updates_per_epoch)
-        scheduler = _scheduler(optimizer, cfg, total_steps)
+        scheduler = _scheduler(optimizer, cfg, total_steps, acc.num_processes)
 
         model, optimizer, train_loader, full_loader, scheduler = acc.prepare(
             self.model, optimizer, self.train_loader, self.full_train_loader, scheduler)
@@ -464,7 +475,8 @@ class Run:
                 if interrupted:
                     break
                 # End of epoch (or of max_steps): evaluate, then move the data position on.
-                if eval_every is None or state.global_step >= total_steps:
+                evaluated_now = bool(eval_every) and state.global_step % eval_every == 0
+                if (eval_every is None or state.global_step >= total_steps) and not evaluated_now:
                     last_metrics = do_eval(True)
                 state.epoch += 1
                 state.batches_in_epoch = 0

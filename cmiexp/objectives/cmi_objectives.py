@@ -1,0 +1,228 @@
+"""``objective=cmi_min`` and ``objective=mcmi``: the CMI objectives wired into the training loop.
+
+The math is in ``cmiexp.objectives.cmi`` (losses) and ``cmiexp.objectives.centroids`` (the
+centroid estimator). This module only decides *when* the centroids Q_y are computed and feeds
+them to the losses:
+
+* ``cmi_min`` (CMI-constrained learning):  CE + lam * KL(P_x || Q_y) - beta * Gamma-hat
+* ``mcmi``   (max-CMI teacher):            CE - lam * KL(P_x || Q_y), Q fixed from the start model
+
+A centroid *full pass* runs the model (eval mode, no grad) over the unshuffled training loader,
+sums P_x per class on every process and all-reduces the sums and counts. Distributed samplers
+pad the last global batch with copies of the first samples; those copies are masked out with
+``full_pass_valid_mask`` so the centroids are the same for 1 and N processes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from cmiexp.errors import CmiexpError, ConfigError
+from cmiexp.objectives.base import Objective, TrainContext, register_objective
+from cmiexp.objectives.centroids import MODES, CentroidEstimator
+from cmiexp.objectives.cmi import cmi_min_loss, mcmi_loss
+
+
+# --------------------------------------------------------------------------------------------
+# The full pass (pure helpers, testable without a training loop)
+# --------------------------------------------------------------------------------------------
+def full_pass_valid_mask(
+    local_batch_index: int, process_index: int, num_processes: int, batch_size: int, batch_len: int, num_examples: int
+) -> torch.Tensor:
+    """Which rows of one local batch of the prepared, *unshuffled* full-pass loader are real.
+
+    Accelerate's ``BatchSamplerShard`` (``split_batches=False``, ``even_batches=True``, the
+    runner's settings) deals global batches round-robin: local batch ``j`` of rank ``r`` is
+    global batch ``j * W + r``, i.e. dataset positions ``(j * W + r) * B + k``. Positions
+    ``>= num_examples`` are the padding that wraps around to the dataset start, so they are
+    the duplicates to drop. With one process there is no padding and the mask is all True.
+    """
+    start = (local_batch_index * num_processes + process_index) * batch_size
+    return (start + torch.arange(batch_len)) < num_examples
+
+
+def _model_inputs(batch: dict, input_keys) -> dict:
+    if input_keys is None:
+        return {k: v for k, v in batch.items() if k not in ("labels", "idx")}
+    return {k: v for k, v in batch.items() if k in input_keys}
+
+
+@torch.no_grad()
+def full_pass_centroids(
+    estimator: CentroidEstimator, model, loader, accelerator, num_examples: int, input_keys=None
+) -> torch.Tensor:
+    """One pass of ``model`` over ``loader`` (eval mode, no grad) that recomputes the centroids.
+
+    Every process must call it (the per-class sums are all-reduced at the end). ``loader`` is
+    the prepared, unshuffled training loader; ``num_examples`` the training-set size, used to
+    mask the padded tail. The model's train/eval mode is restored afterwards. Returns the new
+    centroids, placed on ``accelerator.device``.
+    """
+    was_training = model.training
+    model.eval()
+    world, rank = int(accelerator.num_processes), int(accelerator.process_index)
+    estimator.reset_accumulators()
+    batch_size = None
+    try:
+        for j, batch in enumerate(loader):
+            labels = batch["labels"]
+            n = int(labels.shape[0])
+            if batch_size is None:
+                # With W > 1 every local batch is full (even_batches pads the last one); with W = 1
+                # only the last can be short. So the first batch's length is the loader's B.
+                batch_size = n
+            valid = full_pass_valid_mask(j, rank, world, batch_size, n, num_examples)
+            logits = model(**_model_inputs(batch, input_keys)).logits
+            estimator.accumulate(logits, labels, valid=valid.to(labels.device))
+        centroids = estimator.finalize(lambda t: accelerator.reduce(t, "sum"))
+    finally:
+        estimator.reset_accumulators()
+        model.train(was_training)
+    seen = int(round(float(estimator.counts.sum())))
+    if seen != int(num_examples):
+        # Guards the padding mask against a sharding layout it was not written for.
+        raise CmiexpError(
+            f"centroid full pass counted {seen} training examples across {world} process(es), expected "
+            f"{num_examples}; the data loader shards batches in an unsupported way (split_batches?)"
+        )
+    estimator.to(accelerator.device)
+    return centroids
+
+
+# --------------------------------------------------------------------------------------------
+# Objectives
+# --------------------------------------------------------------------------------------------
+def _number(cfg: Any, key: str, default: float, objective: str, low: float = 0.0, high: float | None = None,
+            high_open: bool = False) -> float:
+    raw = cfg.get(key, default)
+    try:
+        v = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"objective.{key}={raw!r} must be a number (objective={objective})") from None
+    if not math.isfinite(v) or v < low or (high is not None and (v >= high if high_open else v > high)):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"objective.{key}={raw!r} must be {rng} (objective={objective})")
+    return v
+
+
+class _CentroidObjective(Objective):
+    """Shared centroid bookkeeping: when to run full passes, EMA updates, checkpoint state."""
+
+    requires_classification = True
+    default_mode = "fixed"
+
+    def __init__(self, cfg: Any, ctx: TrainContext):
+        super().__init__(cfg, ctx)  # refuses regression tasks
+        self.lam = _number(cfg, "lam", 0.1, self.name)
+        mode = str(cfg.get("centroids", self.default_mode))
+        if mode not in MODES:
+            raise ConfigError(f"objective.centroids={mode!r}; valid choices: {', '.join(MODES)}")
+        self.momentum = _number(cfg, "momentum", 0.9, self.name, 0.0, 1.0, high_open=True)
+        self.estimator = CentroidEstimator(ctx.num_labels, mode=mode, momentum=self.momentum)
+        # Full passes over the whole run (checkpointed) and in this process's lifetime; the
+        # second one shows that a resume reused the saved centroids instead of recomputing them.
+        self.passes_total = 0
+        self.passes_session = 0
+        # Epoch whose start the current centroids were computed at (-1 = none yet). Lets a
+        # mid-epoch resume in ``epoch`` mode keep the centroids the interrupted epoch used.
+        self.centroid_epoch = -1
+
+    @property
+    def mode(self) -> str:
+        return self.estimator.mode
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.estimator.to(ctx.accelerator.device)
+
+    def _needs_pass(self, epoch: int) -> bool:
+        if not self.estimator.initialized:
+            return True
+        return self.mode == "epoch" and self.centroid_epoch != epoch
+
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        if not self._needs_pass(epoch):
+            return
+        full_pass_centroids(self.estimator, ctx.model, ctx.full_train_loader, ctx.accelerator,
+                            ctx.num_train_examples, ctx.extra.get("input_keys"))
+        self.passes_total += 1
+        self.passes_session += 1
+        self.centroid_epoch = int(epoch)
+
+    def _centroids(self, device) -> torch.Tensor:
+        if not self.estimator.initialized:
+            raise RuntimeError(f"objective={self.name}: loss called before the centroid full pass (on_epoch_start)")
+        c = self.estimator.centroids
+        if c.device != device:  # normally placed once in setup/full pass; this is a fallback
+            self.estimator.to(device)
+            c = self.estimator.centroids
+        return c
+
+    def _ema(self, logits: torch.Tensor, labels: torch.Tensor, ctx: TrainContext) -> None:
+        # After the loss is computed with the current centroids, move them towards this batch's
+        # (process-summed) class means. Detached: centroids are constants of the objective.
+        if self.mode == "ema":
+            self.estimator.ema_update(logits.detach(), labels, reduce_fn=lambda t: ctx.accelerator.reduce(t, "sum"))
+
+    # --- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"centroids.{k}": v for k, v in self.estimator.state_dict().items()}
+        state["centroid_passes"] = torch.tensor(self.passes_total, dtype=torch.int64)
+        state["centroid_epoch"] = torch.tensor(self.centroid_epoch, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.estimator.load_state_dict({k[len("centroids."):]: v for k, v in state.items() if k.startswith("centroids.")})
+        if "centroid_passes" in state:
+            self.passes_total = int(state["centroid_passes"].reshape(-1)[0])
+        if "centroid_epoch" in state:
+            self.centroid_epoch = int(state["centroid_epoch"].reshape(-1)[0])
+
+    def summary(self) -> dict:
+        return {
+            "lam": self.lam,
+            "centroids": self.mode,
+            "momentum": self.momentum if self.mode == "ema" else None,
+            "centroid_passes": self.passes_total,
+            "centroid_passes_this_session": self.passes_session,
+            "centroid_epoch": self.centroid_epoch,
+        }
+
+
+@register_objective("cmi_min")
+class CmiMin(_CentroidObjective):
+    """CE + lam * KL(P_x || Q_y) - beta * Gamma-hat (Yang et al. 2023, CMI-constrained learning)."""
+
+    default_mode = "epoch"
+
+    def __init__(self, cfg: Any, ctx: TrainContext):
+        super().__init__(cfg, ctx)
+        self.beta = _number(cfg, "beta", 0.0, self.name)
+
+    def loss(self, batch, outputs, ctx):
+        labels = batch["labels"]
+        loss, parts = cmi_min_loss(outputs.logits, labels, self._centroids(outputs.logits.device), self.lam, self.beta)
+        self._ema(outputs.logits, labels, ctx)
+        return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"], "gamma": parts["gamma"],
+                      "beta_gamma": self.beta * parts["gamma"]}
+
+    def summary(self) -> dict:
+        return {"objective": self.name, "beta": self.beta, **super().summary()}
+
+
+@register_objective("mcmi")
+class MaxCmiTeacher(_CentroidObjective):
+    """CE - lam * KL(P_x || Q_y) with centroids from the starting model (Ye et al., ICLR 2024)."""
+
+    default_mode = "fixed"
+
+    def loss(self, batch, outputs, ctx):
+        labels = batch["labels"]
+        loss, parts = mcmi_loss(outputs.logits, labels, self._centroids(outputs.logits.device), self.lam)
+        self._ema(outputs.logits, labels, ctx)
+        return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"]}
+
+    def summary(self) -> dict:
+        return {"objective": self.name, **super().summary()}
