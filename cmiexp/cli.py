@@ -27,13 +27,16 @@ _failures: list[tuple[str, str]] = []
 def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None) -> None:
     """Mark the run as failed in its results.json without touching a completed result."""
     from cmiexp.io import atomic_write_json, atomic_write_text
-    from cmiexp.train.runner import RESULTS, SCHEMA, read_results
+    from cmiexp.train.runner import RESULTS, SCHEMA, STARTED_RUN_DIRS, read_results
 
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        prior = read_results(run_dir) or {}
-        if prior.get("status") == "completed":
+        prior = read_results(run_dir)
+        if prior is not None and str(run_dir.resolve()) not in STARTED_RUN_DIRS:
+            # An earlier run's result stays as it was; the error goes next to it.
+            atomic_write_text(run_dir / "error.txt", message + "\n" + (tb or ""))
             return
+        prior = prior or {}
         prior.update(
             schema=SCHEMA, status="failed", error=message,
             experiment=cfg.get("experiment_name", "default"), task=cfg.task.get("name"),
@@ -75,6 +78,47 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
+def export_slurm_distributed_env(env=None) -> bool:
+    """Inside a Slurm job with several tasks (the submitit launcher), expose Slurm's process layout
+    as the torch.distributed variables Accelerate reads. Returns True if it did."""
+    import os
+
+    env = os.environ if env is None else env
+    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+    if ntasks <= 1 or "RANK" in env or "SUBMITIT_FOLDER" not in env and "SUBMITIT_EXECUTOR" not in env:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(ntasks)
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        try:
+            import subprocess
+
+            first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                   timeout=30).stdout.split()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            first = nodelist.split(",")[0]
+        env["MASTER_ADDR"] = first
+    # A port derived from the job id: every task of the job agrees on it without talking.
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000))
+    return True
+
+
+def _sweeper_wants_value(hc) -> bool:
+    """Optuna (and similar) sweepers optimise the value the task function returns."""
+    target = str(hc.sweeper.get("_target_", ""))
+    return "optuna" in target.lower() or "nevergrad" in target.lower() or "ax_sweeper" in target.lower()
+
+
+def objective_value(results: dict | None) -> float:
+    """The best primary dev metric of a run (NaN for a failed run: the sweeper records it as failed)."""
+    try:
+        return float(results["best"]["metrics"][results["primary_metric"]])
+    except (TypeError, KeyError, ValueError):
+        return float("nan")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _entry(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
@@ -84,6 +128,7 @@ def _entry(cfg: DictConfig):
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    export_slurm_distributed_env()
     if not _is_rank_zero():
         # Under accelerate/torchrun every rank composes the same config and run directory; only
         # rank 0 writes the log file (workers would interleave their lines into it).
@@ -98,7 +143,7 @@ def _entry(cfg: DictConfig):
         results = run_experiment(cfg, run_dir)
         if _is_rank_zero():
             print(format_results_table(results))
-        return results
+        return objective_value(results) if _sweeper_wants_value(hc) else results
     except Preempted as e:
         print(f"cmiexp: {e}", file=sys.stderr)
         sys.exit(143)
@@ -113,6 +158,7 @@ def _entry(cfg: DictConfig):
             print(f"cmiexp: error: {msg}", file=sys.stderr)
             sys.exit(1)
         _failures.append((str(run_dir), msg))
+        return float("nan") if _sweeper_wants_value(hc) else None
     except Exception as e:  # noqa: BLE001
         if not multirun:
             raise  # a bug: keep the traceback
@@ -122,7 +168,7 @@ def _entry(cfg: DictConfig):
             _record_failure(run_dir, cfg, msg, traceback.format_exc())
         log.exception("job failed: %s", run_dir)
         _failures.append((str(run_dir), msg))
-    return None
+        return float("nan") if _sweeper_wants_value(hc) else None
 
 
 def group_options(group: str) -> list[str]:
@@ -151,8 +197,33 @@ def check_group_choices(argv: list[str]) -> str | None:
     return None
 
 
+def check_output_dir(argv: list[str]) -> str | None:
+    """An error line if the folder runs would be written to cannot be created or written.
+
+    Checked before Hydra starts, since Hydra creates the run directory first and fails with a
+    stack trace."""
+    import os
+
+    target = os.environ.get("CMIEXP_OUTPUT_DIR") or "outputs"
+    for arg in argv:
+        for key in ("paths.output_dir=", "hydra.run.dir=", "hydra.sweep.dir="):
+            if arg.startswith(key) and "${" not in arg:
+                target = arg[len(key):]
+    path = Path(target).expanduser().absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"output folder {path} cannot be created: {probe} is not a directory (set paths.output_dir or CMIEXP_OUTPUT_DIR)"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"output folder {path} is not writable ({probe}); set paths.output_dir or CMIEXP_OUTPUT_DIR"
+    return None
+
+
 def main() -> None:
-    err = check_group_choices(sys.argv[1:])
+    err = check_group_choices(sys.argv[1:]) or check_output_dir(sys.argv[1:])
     if err:
         print(f"cmiexp: error: {err}", file=sys.stderr)
         sys.exit(1)

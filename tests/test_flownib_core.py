@@ -15,6 +15,7 @@ from cmiexp.probes.flownib import (
     alpha_schedule,
     cls_pool,
     compare_runs,
+    effective_dims,
     extract_activations,
     last_token_pool,
     masked_mean_pool,
@@ -71,6 +72,10 @@ def test_effective_dims_equal_closed_form_on_diagonal_covariance(extra):
     shannon = math.exp(-sum(q * math.log(q) for q in p))
     assert participation_ratio(z) == pytest.approx(pr, rel=1e-9)
     assert shannon_effective_dim(z) == pytest.approx(shannon, rel=1e-7)
+    assert effective_dims(z) == (pytest.approx(pr, rel=1e-9), pytest.approx(shannon, rel=1e-7))
+    # float32 activations (the cached-tensor case) agree to float32 precision
+    pr32, sh32 = effective_dims(torch.from_numpy(z).float())
+    assert pr32 == pytest.approx(pr, rel=1e-5) and sh32 == pytest.approx(shannon, rel=1e-5)
     # isotropic k-dim data has d_eff = k under both definitions
     iso = _diag_cov_data([2.0] * 7, n=16)
     assert participation_ratio(iso) == pytest.approx(7.0, rel=1e-9)
@@ -266,7 +271,8 @@ def test_training_orders_layers_sensibly():
     assert max(izy) < math.log(3) + 0.15  # I(Z;Y) <= H(Y) <= log 3, up to estimation noise
     # d_eff: the noise layer is isotropic in 6 dims, the class-only layer is not
     assert r.d_eff_pr[2] > r.d_eff_pr[1]
-    assert r.d_eff_y_pr == pytest.approx(participation_ratio(torch.nn.functional.one_hot(y, 3).numpy()))
+    # one-hot Y: float32 inside the probe, float64 here
+    assert r.d_eff_y_pr == pytest.approx(participation_ratio(torch.nn.functional.one_hot(y, 3).numpy()), rel=1e-5)
 
 
 def test_training_is_deterministic_and_supports_other_estimators():

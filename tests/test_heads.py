@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,10 +206,10 @@ CASES = [("tiny-bert", "pooling"), ("tiny-bert", "masking"), ("tiny-gpt2", "pool
 def test_each_head_trains_and_loss_goes_down(cache_dir, model, head, task_name):
     _, task, tok, net, ds = setup_model(cache_dir, model, head, task_name)
     batch, labels = collate(tok, ds, list(range(16)), "right")
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=2e-3)
     net.train()
     losses = []
-    for _ in range(8):
+    for _ in range(12):  # fitting one batch of 16 ../shared examples
         out = net(**batch)
         assert out.logits.shape == (16, task.num_labels)
         loss = supervised_loss(out.logits, labels, task.is_regression)
@@ -217,7 +218,7 @@ def test_each_head_trains_and_loss_goes_down(cache_dir, model, head, task_name):
         opt.zero_grad()
         losses.append(loss.item())
     assert all(np.isfinite(losses))
-    assert losses[-1] < 0.75 * losses[0], losses
+    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
 
 
 def test_prompt_head_checkpoint_roundtrip(cache_dir, tmp_path):
@@ -279,3 +280,45 @@ def test_stsb_end_to_end_reports_regression_metrics_in_original_scale(cmiexp_env
     assert best["mse"] == pytest.approx(float(np.mean((pred - y) ** 2)), rel=1e-4, abs=1e-5)
     assert best["mae"] == pytest.approx(float(np.mean(np.abs(pred - y))), rel=1e-4, abs=1e-5)
     assert best["pearson"] == pytest.approx(float(np.corrcoef(pred, y)[0, 1]), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- reproduction script
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_flownib_tables.sh"
+
+
+def test_reproduce_script_dry_run_lists_the_grid(tmp_path):
+    import subprocess
+
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    sweeps = [l for l in out if l.startswith("cmiexp -m")]
+    # 9 classification + 6 regression tasks, each swept for encoders and for decoders
+    assert len(sweeps) == (9 + 6) * 2
+    assert any("experiment=flownib_cls task=cls/hellaswag model=roberta-base" in l and "head=pooling\\,masking" in l
+               for l in sweeps)
+    assert any("experiment=flownib_reg task=reg/wassa model=gpt2-medium" in l and "head=pooling\\,generation" in l
+               for l in sweeps)
+    reports = [l for l in out if l.startswith("cmiexp-report")]
+    assert len(reports) == 2 and all("--group-by head" in r for r in reports)
+
+
+@pytest.mark.slow
+def test_reproduce_script_smoke_mode_writes_both_reports(cmiexp_env, tmp_path):
+    import subprocess
+
+    out = tmp_path / "smoke"
+    proc = subprocess.run(["bash", str(SCRIPT), "--smoke", "--out", str(out)], env=cmiexp_env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = find_run_dirs(out / "runs")
+    assert len(runs) == 8  # (RTE, STS-B) x (tiny-bert, tiny-gpt2) x (pooling, masking|generation)
+    for r in runs:
+        assert json.loads((r / "results.json").read_text())["status"] == "completed"
+    cls = (out / "reports" / "flownib_cls" / "report.md").read_text()
+    reg = (out / "reports" / "flownib_reg" / "report.md").read_text()
+    for head in ("head=pooling", "head=masking", "head=generation"):
+        assert head in cls and head in reg
+    assert "RTE" in cls and "STS-B" in reg and "STS-B = mse" in reg and "mae" in reg
+    assert (out / "reports" / "flownib_reg" / "report.csv").is_file()
+    assert "probe: skipped" in proc.stdout

@@ -76,11 +76,15 @@ def save_training_state(accelerator, run_dir: Path, state: TrainerState, objecti
     accelerator.wait_for_everyone()
 
 
-def load_training_state(accelerator, run_dir: Path, objective, task_name: str, num_labels: int) -> TrainerState:
+def load_training_state(accelerator, run_dir: Path, objective, task_name: str, num_labels: int,
+                        model_name: str | None = None) -> TrainerState:
     from safetensors.torch import load_file
 
     d = latest_dir(run_dir)
     state = TrainerState.from_file(d / TRAINER_STATE)
+    if model_name and state.model and state.model != model_name:
+        raise CheckpointError(f"checkpoint {d} was trained with model={state.model}, not model={model_name}; "
+                              "use another run directory")
     if state.task and (state.task != task_name or state.num_labels != num_labels):
         raise CheckpointError(
             f"checkpoint {d} is for task={state.task} ({state.num_labels} labels), not task={task_name} "

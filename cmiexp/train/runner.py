@@ -32,7 +32,11 @@ from cmiexp.train.evaluate import evaluate
 log = logging.getLogger("cmiexp")
 
 RESULTS = "results.json"
+# Run directories whose results.json this process wrote: a failure may update only those, never
+# a result left by an earlier invocation (e.g. a checkpoint of another task in the same folder).
+STARTED_RUN_DIRS: set[str] = set()
 METRICS = "metrics.jsonl"
+TRAIN_LOG = "train_log.jsonl"  # training loss, lr and objective terms every trainer.log_every steps
 SCHEMA = 1
 
 
@@ -311,6 +315,7 @@ class Run:
     def _write_results(self, results: dict):
         if self.accelerator.is_main_process:
             atomic_write_json(self.run_dir / RESULTS, results)
+            STARTED_RUN_DIRS.add(str(self.run_dir.resolve()))
 
     # ------------------------------------------------------------------ main
     def execute(self) -> dict:
@@ -339,7 +344,6 @@ class Run:
         acc = self.accelerator
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         self.adapter = make_adapter(cfg)
         self.adapter.setup(self)
         self.adapter.loaders(self)
@@ -348,7 +352,6 @@ class Run:
         results.update(trainable_params=trainable, total_params=total,
                        num_train_samples=len(self.train_ds),
                        num_eval_samples={a: len(d) for a, d in self.eval_ds.items()})
-        self._write_results(results)
 
         optimizer = _optimizer(self.model, cfg)
         steps_per_epoch_global = math.ceil(len(self.train_ds) / (int(t.batch_size) * acc.num_processes))
@@ -371,10 +374,14 @@ class Run:
         num_labels = int(getattr(self.task, "num_labels", 0))
         state = TrainerState(task=self.task.name, model=cfg.model.name, num_labels=num_labels)
         if resume != "false" and has_checkpoint(self.run_dir):
-            state = load_training_state(acc, self.run_dir, objective, self.task.name, num_labels)
+            state = load_training_state(acc, self.run_dir, objective, self.task.name, num_labels, cfg.model.name)
             log.info("resuming %s at step %d (epoch %d, batch %d)", self.run_dir, state.global_step, state.epoch,
                      state.batches_in_epoch)
         ctx.global_step, ctx.epoch = state.global_step, state.epoch
+        # Only now, with the checkpoint (if any) known to fit, does this run claim the directory.
+        if acc.is_main_process:
+            atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        self._write_results(results)
         objective.setup(ctx)
 
         primary = self.task.primary_metric
@@ -458,6 +465,7 @@ class Run:
                         rec = {"train/loss": running_loss / max(running_n, 1), "train/lr": scheduler.get_last_lr()[0],
                                **{f"train/{k}": v for k, v in extra.items()}}
                         tracker.log(rec, state.global_step)
+                        append_jsonl(self.run_dir / TRAIN_LOG, {"step": state.global_step, **rec})
                         pbar.set_postfix(loss=f"{rec['train/loss']:.4f}")
                         running_loss, running_n = 0.0, 0
                     if eval_every and state.global_step % eval_every == 0:
