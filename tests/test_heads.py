@@ -238,6 +238,9 @@ def test_prompt_head_checkpoint_roundtrip(cache_dir, tmp_path):
     back.eval()
     with torch.no_grad():
         torch.testing.assert_close(back(**batch).logits, net(**batch).logits)
+        # probes read per-layer states: embeddings + one per layer of tiny-bert's 2
+        hidden = back(**batch, output_hidden_states=True).hidden_states
+    assert len(hidden) == 3 and hidden[-1].shape[:2] == batch["input_ids"].shape
 
 
 # ----------------------------------------------------------------------------- end to end (CLI)

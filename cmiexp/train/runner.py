@@ -307,6 +307,8 @@ class Run:
             "teacher_objective": cfg.objective.get("teacher_objective"),
             "teacher_model": cfg.objective.get("teacher_model"),
             "seed": int(cfg.seed),
+            "head": (cfg.get("head") or {}).get("name", "pooling"),
+            "peft": (cfg.get("peft") or {}).get("name", "none"),
             "primary_metric": getattr(getattr(self, "task", None), "primary_metric", cfg.task.get("primary_metric")),
             "overrides": overrides,
             "run_dir": str(self.run_dir.resolve()),
@@ -395,7 +397,22 @@ class Run:
         tracker = make_tracker(cfg, config_dict, self.run_dir, run_id, acc.is_main_process)
         stop_after = t.get("stop_after_steps")
 
+        overhead = {"eval_s": 0.0, "checkpoint_s": 0.0}  # excluded from the training throughput
+
         def do_eval(epoch_end: bool) -> dict:
+            t0 = time.time()
+            try:
+                return _do_eval(epoch_end)
+            finally:
+                overhead["eval_s"] += time.time() - t0
+
+        def checkpoint() -> None:
+            t0 = time.time()
+            state.train_time_s = time_before + time.time() - start
+            save_training_state(acc, self.run_dir, state, objective)
+            overhead["checkpoint_s"] += time.time() - t0
+
+        def _do_eval(epoch_end: bool) -> dict:
             metrics = self.adapter.evaluate(self, model, eval_loaders)
             record = {"step": state.global_step, "epoch": state.epoch + (1 if epoch_end else 0),
                       "lr": scheduler.get_last_lr()[0], **{f"dev/{k}": v for k, v in metrics.items()}}
@@ -473,8 +490,7 @@ class Run:
                         model.train()
                     done = state.global_step >= total_steps
                     if not done and save_every and state.global_step % save_every == 0:
-                        state.train_time_s = time_before + time.time() - start
-                        save_training_state(acc, self.run_dir, state, objective)
+                        checkpoint()
                     if self.stop.signum is not None or (stop_after and state.global_step >= int(stop_after)):
                         interrupted = True
                         break
@@ -488,9 +504,8 @@ class Run:
                     last_metrics = do_eval(True)
                 state.epoch += 1
                 state.batches_in_epoch = 0
-                state.train_time_s = time_before + time.time() - start
                 if state.global_step < total_steps:
-                    save_training_state(acc, self.run_dir, state, objective)
+                    checkpoint()
         finally:
             pbar.close()
             self.stop.restore()
@@ -513,7 +528,8 @@ class Run:
         # Keep the final training state too: a finished run can be extended with more epochs.
         save_training_state(acc, self.run_dir, state, objective)
         new_samples = state.samples_seen - samples_at_start
-        elapsed = time.time() - start
+        # Throughput of the training steps alone (evaluation and checkpoint writes excluded).
+        elapsed = time.time() - start - overhead["eval_s"] - overhead["checkpoint_s"]
         results.update(
             status="completed",
             best={"step": state.best_step, "epoch": state.best_epoch, "metrics": state.best_metrics},
@@ -522,6 +538,8 @@ class Run:
             epochs=num_epochs,
             wall_time_s=state.train_time_s,
             train_samples_per_s=new_samples / elapsed if elapsed > 0 else None,
+            eval_time_s=overhead["eval_s"],
+            checkpoint_time_s=overhead["checkpoint_s"],
             peak_memory_mb=_peak_memory_mb(acc.device),
             num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision,
