@@ -193,16 +193,34 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 # ----------------------------------------------------------------------------- activations
 
 
+def _hidden_states(out) -> tuple:
+    """All hidden states of a forward output: ``hidden_states``, or the encoder's for
+    encoder-decoder classifiers (T5), whose decoder reads only a start token."""
+    hs = getattr(out, "hidden_states", None)
+    if hs is None:
+        hs = getattr(out, "encoder_hidden_states", None)
+    if hs is None or len(hs) < 2:
+        raise DataError("extract_activations: the model returned no hidden states")
+    return hs
+
+
 @torch.no_grad()
-def extract_activations(model, dataloader, pooling: str = "mean", device: str = "cpu") -> dict[str, torch.Tensor]:
+def extract_activations(model, dataloader, pooling: str = "mean", device: str = "cpu",
+                        head_positions=None) -> dict[str, torch.Tensor]:
     """Run ``model`` once over ``dataloader`` and cache pooled (X, Z_1..Z_L, Y).
 
     Batches are dicts with input_ids, attention_mask, labels, idx (token_type_ids passed on when
-    present). X is hidden_states[0] (embedding output), Z_l = hidden_states[l], all pooled with
-    the attention mask. Returns float32 CPU tensors x [N, D], z [L, N, D], y [N], idx [N].
+    present). X is hidden_states[0] (embedding output), always attention-masked mean pooled (a
+    CLS or last-token slice of the embedding output is nearly the same vector for every
+    example); Z_l = hidden_states[l] pooled by ``pooling``: mean | cls | last, or ``head`` = the
+    token at ``head_positions(input_ids, attention_mask)`` ([B] long), e.g. the mask token a
+    prompt head reads. Returns float32 CPU tensors x [N, D], z [L, N, D], y [N], idx [N].
     """
-    if pooling not in POOLINGS:
-        raise ConfigError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}")
+    if pooling == "head":
+        if head_positions is None:
+            raise ConfigError("pooling='head' needs head_positions (a function of input_ids and attention_mask)")
+    elif pooling not in POOLINGS:
+        raise ConfigError(f"pooling={pooling!r} is unknown; choose one of {', '.join(POOLINGS)}, head")
     dev = torch.device(device)
     model.to(dev)
     was_training = model.training
@@ -217,13 +235,15 @@ def extract_activations(model, dataloader, pooling: str = "mean", device: str = 
             inputs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": mask}
             if "token_type_ids" in batch:
                 inputs["token_type_ids"] = batch["token_type_ids"].to(dev)
-            out = model(**inputs, output_hidden_states=True)
-            hs = out.hidden_states
-            if hs is None or len(hs) < 2:
-                raise DataError("extract_activations: the model returned no hidden states")
-            pooled = [pool(h.float(), mask, pooling).cpu() for h in hs]
-            xs.append(pooled[0])
-            zs.append(torch.stack(pooled[1:]))
+            hs = _hidden_states(model(**inputs, output_hidden_states=True))
+            xs.append(masked_mean_pool(hs[0].float(), mask).cpu())
+            if pooling == "head":
+                _check_pool_inputs(hs[-1], mask)
+                pos = torch.as_tensor(head_positions(inputs["input_ids"], mask)).to(dev).long()
+                rows = torch.arange(mask.shape[0], device=dev)
+                zs.append(torch.stack([h.float()[rows, pos].cpu() for h in hs[1:]]))
+            else:
+                zs.append(torch.stack([pool(h.float(), mask, pooling).cpu() for h in hs[1:]]))
             ys.append(torch.as_tensor(batch["labels"]).cpu())
             ids.append(torch.as_tensor(batch["idx"]).cpu().long())
     finally:

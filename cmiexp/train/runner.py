@@ -560,4 +560,9 @@ def run_experiment(cfg: DictConfig, run_dir: str | os.PathLike | None = None) ->
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
+    if cfg.objective.get("probe"):
+        # Probes (objective=flownib) read a trained model instead of training one.
+        from cmiexp.probes.run_probe import run_probe
+
+        return run_probe(cfg, Path(run_dir))
     return Run(cfg, run_dir).execute()

@@ -1,0 +1,496 @@
+"""``cmiexp objective=flownib``: the FlowNIB layer probe as a run of its own.
+
+A probe run trains no language model. It loads one, runs it once over a split of the task to
+cache (X, Z_1..Z_L, Y), trains the FlowNIB critics of all layers together
+(:func:`cmiexp.probes.flownib.train_flownib`) and writes into its own run directory
+(``.../runs/<experiment>/<task>/<model>/flownib/seed<seed>...``):
+
+* ``config.yaml``      the resolved config of the probe run
+* ``flownib.json``     per layer: trajectory, OIC, d_eff, held-out estimates (+ the probe settings)
+* ``flownib.csv``      one row per layer
+* ``flownib_*.png``    information plane (trajectories coloured by step + OIC path), d_eff and OIC by layer
+* ``compare_*``        with ``objective.compare``: this run overlaid with other probe runs
+* ``results.json``     schema 1, like every run; ``best.metrics`` holds the summary numbers
+  (``oic_y_mean`` is the primary metric: ``cmiexp-report --primary`` tabulates the average
+  OIC I(Z;Y) over layers per model). Its ``teacher_objective`` is the probed run's objective
+  (``untrained`` for the baseline), so probes of differently trained models get separate rows.
+
+Which model (``objective.source``):
+
+* a finished run directory: its ``checkpoint/best`` is probed with the tokenizer, head prompt
+  and ``task.max_length`` it was trained with (its ``config.yaml``). Its task, model and head
+  must be the probe's (``task=``, ``model=``, ``head=``): they name the probe's run directory and
+  its report row, so a mismatch is refused rather than filed under the wrong name;
+* ``null``: the untrained baseline, ``model=`` as loaded for fine-tuning (pretrained weights, or
+  the tiny model's fixed initialisation) with a fresh head (seeded by ``seed``).
+
+X is the embedding-layer output (``hidden_states[0]``), attention-masked mean pooled; Z_l is
+layer l's output pooled by ``objective.pooling``; Y the label (one-hot for classification, a
+standardised scalar for regression). Unlabelled rows are dropped. The pure helpers
+(:func:`select_rows`, :func:`summary_metrics`, :func:`head_pooling`) carry the logic worth
+testing; :func:`run_probe` wires them to the data, model and output code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cmiexp.errors import CheckpointError, ConfigError, DataError
+from cmiexp.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("cmiexp")
+
+PRIMARY_METRIC = "oic_y_mean"
+POOLING_CHOICES = ("mean", "cls", "last", "head")
+#: Defaults for keys a hand-written objective config may leave out (conf/objective/flownib.yaml sets them all).
+DEFAULTS: dict[str, Any] = {
+    "source": None, "split": "train", "max_samples": 5000, "pooling": "mean", "steps": 2000, "batch_size": 128,
+    "delta": 0.001, "estimator": "dv", "critic": "concat", "hidden": 128, "lr": 1e-3, "tau": 5.0,
+    "heldout_fraction": 0.2, "record_every": 1, "device": "auto", "compare": [], "subsample_seed": 0,
+}
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def probe_settings(objective_cfg) -> dict[str, Any]:
+    """The probe's knobs from ``cfg.objective`` (defaults filled in), checked one by one."""
+    # A plain dict may still hold OmegaConf nodes (e.g. a ListConfig compare list): convert it all.
+    raw = OmegaConf.to_container(OmegaConf.create(dict(objective_cfg or {})), resolve=True)
+    s = {k: raw.get(k, v) for k, v in DEFAULTS.items()}
+    if s["pooling"] not in POOLING_CHOICES:
+        raise ConfigError(f"objective.pooling={s['pooling']!r}; valid choices: {', '.join(POOLING_CHOICES)}")
+    for key in ("steps", "batch_size", "hidden", "record_every"):
+        try:
+            s[key] = int(s[key])
+        except (TypeError, ValueError):
+            raise ConfigError(f"objective.{key}={s[key]!r} must be a positive integer") from None
+        if s[key] < (2 if key == "batch_size" else 1):
+            raise ConfigError(f"objective.{key}={s[key]} must be >= {2 if key == 'batch_size' else 1}")
+    if s["max_samples"] is not None:
+        if int(s["max_samples"]) < 4:
+            raise ConfigError(f"objective.max_samples={s['max_samples']} must be >= 4 (or null for the whole split)")
+        s["max_samples"] = int(s["max_samples"])
+    if not 0.0 < float(s["heldout_fraction"]) < 1.0:
+        raise ConfigError(f"objective.heldout_fraction={s['heldout_fraction']} must be in (0, 1)")
+    if not (float(s["lr"]) > 0 and math.isfinite(float(s["lr"]))):
+        raise ConfigError(f"objective.lr={s['lr']} must be a positive number")
+    if float(s["delta"]) < 0:
+        raise ConfigError(f"objective.delta={s['delta']} must be >= 0")
+    compare = s["compare"]
+    if compare is None:
+        compare = []
+    if isinstance(compare, str):
+        compare = [compare]
+    if not isinstance(compare, (list, tuple)):
+        raise ConfigError(f"objective.compare={compare!r} must be a list of probe run directories or flownib.json files")
+    s["compare"] = [str(c) for c in compare]
+    s["split"] = str(s["split"])
+    return s
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; anything else is passed on as given."""
+    device = str(device or "auto")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"objective.device={device} but no CUDA device is available; use device=auto or cpu")
+    return device
+
+
+def select_rows(labels, is_regression: bool, max_samples: int | None, seed: int = 0) -> np.ndarray:
+    """Positions of the rows to probe, ascending: labelled rows only (class id >= 0, or a finite
+    regression target), and at most ``max_samples`` of them, drawn uniformly without replacement
+    by a generator seeded with ``seed`` (a fixed subset, whatever the probe's seed)."""
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    keep = np.isfinite(y) if is_regression else (np.isfinite(y) & (y >= 0))
+    pos = np.flatnonzero(keep)
+    if max_samples is not None and pos.size > int(max_samples):
+        pick = np.random.default_rng(int(seed)).choice(pos.size, size=int(max_samples), replace=False)
+        pos = pos[np.sort(pick)]
+    return pos
+
+
+def summary_metrics(result) -> dict[str, float]:
+    """Summary numbers of one probe (nats): mean/max over layers of the OIC coordinates, the
+    last layer's OIC, mean held-out estimates and mean participation ratio."""
+    from cmiexp.probes.flownib import _as_result_dict
+
+    d = _as_result_dict(result)
+    layers = d["layers"]
+    if not layers:
+        raise DataError("the probe produced no layers")
+    ox = np.array([e["oic"]["x"] for e in layers], dtype=np.float64)
+    oy = np.array([e["oic"]["y"] for e in layers], dtype=np.float64)
+    hx = np.array([e["heldout"]["ixz"] for e in layers], dtype=np.float64)
+    hy = np.array([e["heldout"]["izy"] for e in layers], dtype=np.float64)
+    dpr = np.array([e["d_eff_pr"] for e in layers], dtype=np.float64)
+    return {
+        "oic_x_mean": float(ox.mean()), "oic_y_mean": float(oy.mean()),
+        "oic_x_max": float(ox.max()), "oic_y_max": float(oy.max()),
+        "oic_x_last": float(ox[-1]), "oic_y_last": float(oy[-1]),
+        "heldout_ixz_mean": float(hx.mean()), "heldout_izy_mean": float(hy.mean()),
+        "d_eff_pr_mean": float(dpr.mean()), "num_layers": len(layers),
+    }
+
+
+def head_pooling(pooling: str, head: str, family: str, mask_token_id: int | None = None
+                 ) -> tuple[str, Callable | None]:
+    """Map ``objective.pooling`` to what ``extract_activations`` takes.
+
+    ``head`` = the token the model's head reads: the mask token (head=masking), the last attended
+    token (head=generation; pooling head of decoders and encoder-decoders), the first token
+    (pooling head of encoders: CLS)."""
+    if pooling != "head":
+        return pooling, None
+    if head == "masking":
+        if mask_token_id is None:
+            raise ConfigError("objective.pooling=head with head=masking needs the tokenizer's mask token")
+        from cmiexp.models.heads import mask_positions
+
+        return "head", lambda ids, mask: mask_positions(ids, mask, int(mask_token_id))
+    if head == "generation" or family in ("decoder", "seq2seq"):
+        return "last", None
+    return "cls", None
+
+
+# ----------------------------------------------------------------------------- the source run
+
+
+@dataclass
+class ProbeSource:
+    """What is probed: a finished run's ``checkpoint/best`` (``run_dir`` set) or the baseline."""
+
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    config: dict | None = None  # the source run's resolved config.yaml
+    results: dict | None = None
+
+    @property
+    def untrained(self) -> bool:
+        return self.run_dir is None
+
+    def describe(self) -> dict[str, Any]:
+        if self.untrained:
+            return {"kind": "untrained"}
+        c, r = self.config or {}, self.results or {}
+        return {"kind": "run", "run_dir": str(self.run_dir.resolve()), "checkpoint": str(self.checkpoint.resolve()),
+                "task": r.get("task") or _group_name(c, "task"), "model": r.get("model") or _group_name(c, "model"),
+                "objective": r.get("objective") or _group_name(c, "objective"),
+                "head": _group_name(c, "head") or "pooling", "peft": _group_name(c, "peft") or "none",
+                "seed": r.get("seed", c.get("seed")), "experiment": r.get("experiment") or c.get("experiment_name"),
+                "best": (r.get("best") or {}).get("metrics")}
+
+
+def _group_name(cfg: dict, group: str) -> str | None:
+    node = (cfg or {}).get(group)
+    if isinstance(node, dict):
+        node = node.get("name")
+    return None if node is None else str(node)
+
+
+def resolve_source(source, cfg) -> ProbeSource:
+    """Check ``objective.source`` against the probe's config; one-line ConfigError on any mismatch.
+
+    Reads files only (no model is loaded), so a wrong path fails fast."""
+    if source in (None, "", "null"):
+        return ProbeSource()
+    import yaml
+
+    given = str(source)
+    p = Path(given).expanduser()
+    key = f"objective.source={given}"
+    if not p.exists():
+        raise ConfigError(f"{key}: no such run directory; give a finished cmiexp run directory "
+                          "(with checkpoint/best), or objective.source=null to probe the untrained model")
+    if not p.is_dir():
+        raise ConfigError(f"{key} is not a directory; give a finished cmiexp run directory (with checkpoint/best)")
+    # Also accept the run's checkpoint/best folder itself.
+    if p.name == "best" and p.parent.name == "checkpoint" and (p.parents[1] / "config.yaml").is_file():
+        p = p.parents[1]
+    cfg_file = p / "config.yaml"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{key} has no config.yaml: not a cmiexp run directory")
+    try:
+        src_cfg = yaml.safe_load(cfg_file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{key}: cannot read {cfg_file}: {str(e).splitlines()[0]}") from None
+    if not isinstance(src_cfg, dict):
+        raise ConfigError(f"{key}: {cfg_file} is not a run config")
+    results = None
+    if (p / "results.json").is_file():
+        try:
+            results = json.loads((p / "results.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{key}: cannot read {p / 'results.json'}: {e}") from None
+    if (src_cfg.get("objective") or {}).get("probe"):
+        raise ConfigError(f"{key} is itself a probe run; point to the run that trained the model")
+    if results is not None and results.get("status") != "completed":
+        raise ConfigError(f"{key}: the source run has status {results.get('status')!r}, not completed; "
+                          "finish it first (re-run its command)")
+    ckpt = p / "checkpoint" / "best"
+    if not ((ckpt / "config.json").is_file() or (ckpt / "cmiexp_head.json").is_file()):
+        raise ConfigError(f"{key} has no checkpoint/best (trained with trainer.save_best=false, or not finished)")
+    # The probe's run directory and report row are named by task, model and head: they must be the source's.
+    checks = (("task", _group_name(src_cfg, "task"), cfg.task.get("name")),
+              ("model", _group_name(src_cfg, "model"), cfg.model.get("name")),
+              ("head", _group_name(src_cfg, "head") or "pooling", (cfg.get("head") or {}).get("name", "pooling")))
+    for group, theirs, ours in checks:
+        if theirs is not None and str(theirs) != str(ours):
+            what = "trained on" if group == "task" else "trained with"
+            raise ConfigError(f"{key} was {what} {group}={theirs}, but this probe has {group}={ours}; "
+                              f"use {group}={theirs} (it names the probe's run directory and report row)")
+    return ProbeSource(run_dir=p, checkpoint=ckpt, config=src_cfg, results=results)
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def _load_model(cfg, source: ProbeSource, task, cache_dir: Path):
+    """(model, tokenizer, input suffix, head name, family, max_length) for the source or baseline."""
+    from cmiexp.models.factory import load_tokenizer, resolve_model_path
+    from cmiexp.models.heads import build_classifier, head_name, input_suffix, load_classifier
+
+    if source.untrained:
+        path = resolve_model_path(cfg.model, task, cache_dir)
+        tokenizer = load_tokenizer(path, cfg.model)
+        with torch.random.fork_rng(devices=[]):
+            # A fresh head seeded like a fine-tuning run's: the baseline is that run's starting point.
+            torch.manual_seed(int(cfg.seed))
+            model = build_classifier(path, cfg, task, tokenizer)
+        return (model, tokenizer, input_suffix(cfg, tokenizer), head_name(cfg),
+                str(cfg.model.get("family", "encoder")), int(cfg.task.get("max_length", 128)))
+    src = OmegaConf.create(source.config)
+    try:
+        tokenizer = load_tokenizer(str(source.checkpoint), src.model)
+    except Exception as e:  # noqa: BLE001 - any failure means the checkpoint lacks a usable tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the tokenizer of {source.checkpoint}: {first}") from None
+    try:
+        model = load_classifier(str(source.checkpoint))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load the model in {source.checkpoint}: {first}") from None
+    max_len = int((source.config.get("task") or {}).get("max_length") or 128)
+    return (model, tokenizer, input_suffix(src, tokenizer), head_name(src),
+            str(src.model.get("family", "encoder")), max_len)
+
+
+def _probe_split(task, split: str):
+    if split == "train":
+        ds = task.train
+    elif split in task.eval_splits:
+        ds = task.eval_splits[split]
+    else:
+        ds = None
+    if ds is None:
+        valid = (["train"] if task.train is not None else []) + list(task.eval_splits)
+        raise ConfigError(f"objective.split={split!r} is not a labelled split of task={task.name}; "
+                          f"valid choices: {', '.join(valid)}")
+    return ds
+
+
+def _loader(tokenized, tokenizer, model, batch_size: int):
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    from cmiexp.models.heads import model_input_keys
+
+    cols = ["input_ids", "attention_mask", "labels", "idx"]
+    if "token_type_ids" in model_input_keys(model) and "token_type_ids" in tokenized.column_names:
+        cols.append("token_type_ids")
+    ds = tokenized.with_format(columns=[c for c in cols if c in tokenized.column_names])
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=DataCollatorWithPadding(tokenizer))
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+def _compare_label(results: dict | None, fallback: str) -> str:
+    r = results or {}
+    src = r.get("source") or {}
+    what = src.get("objective") if src.get("kind") == "run" else ("untrained" if src else None)
+    model = r.get("model")
+    if not model:
+        return fallback
+    return f"{model} ({what})" if what else str(model)
+
+
+def load_compare_entries(entries: list[str]) -> list[tuple[str, dict, dict | None]]:
+    """(label, flownib dict, results.json or None) for every ``objective.compare`` entry: a probe
+    run directory or a flownib.json file."""
+    out = []
+    for given in entries:
+        p = Path(given).expanduser()
+        f = p / "flownib.json" if p.is_dir() else p
+        if not f.is_file():
+            raise ConfigError(f"objective.compare entry {given}: no flownib.json there (give a finished probe run "
+                              "directory or a flownib.json file)")
+        try:
+            d = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"objective.compare entry {given}: cannot read {f}: {e}") from None
+        if not isinstance(d, dict) or "layers" not in d:
+            raise ConfigError(f"objective.compare entry {given}: {f} is not a FlowNIB result")
+        res = None
+        if (f.parent / "results.json").is_file():
+            try:
+                res = json.loads((f.parent / "results.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                res = None
+        out.append((_compare_label(res, f.parent.name), d, res))
+    return out
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for lab in labels:
+        seen[lab] = seen.get(lab, 0) + 1
+        out.append(lab if seen[lab] == 1 else f"{lab} #{seen[lab]}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _base_results(cfg, run_dir: Path, source: ProbeSource) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    from cmiexp.train.runner import SCHEMA
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    head = source.describe()["head"] if not source.untrained else (cfg.get("head") or {}).get("name", "pooling")
+    peft = source.describe()["peft"] if not source.untrained else "none"
+    return {
+        "schema": SCHEMA, "status": "running", "error": None,
+        "experiment": cfg.get("experiment_name", "default"), "task": cfg.task.name,
+        "task_type": "classification", "model": cfg.model.name, "objective": cfg.objective.name,
+        # The probed model's objective keeps probes of differently trained models in separate report
+        # rows ("tiny-bert / flownib (teacher: ce)"); cmiexp-report then shows each against the CE one.
+        "teacher_objective": "untrained" if source.untrained else source.describe()["objective"],
+        "teacher_model": None, "seed": int(cfg.seed), "head": head, "peft": peft,
+        "primary_metric": PRIMARY_METRIC, "overrides": overrides, "run_dir": str(run_dir.resolve()),
+        "source": source.describe(),
+    }
+
+
+def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+    """Run the FlowNIB probe described by ``cfg`` into ``run_dir``; returns the results dict.
+
+    A run directory whose results.json says completed is returned as is, like a finished training
+    run (``trainer.resume=false`` refuses a directory that already holds a run)."""
+    from cmiexp.data import load_task
+    from cmiexp.data.tokenize import tokenize_split
+    from cmiexp.models.factory import default_cache_dir
+    from cmiexp.probes.flownib import compare_runs, extract_activations, train_flownib, write_outputs
+    from cmiexp.train.runner import (_ADAPTERS, RESULTS, STARTED_RUN_DIRS, _peak_memory_mb, _quiet_libraries,
+                                     read_results)
+
+    run_dir = Path(run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("objective=flownib runs in one process; start it without torchrun/accelerate launch")
+    resume = str(cfg.trainer.get("resume", "auto")).lower()
+    prior = read_results(run_dir)
+    if prior and prior.get("status") == "completed" and resume != "false":
+        log.info("probe already completed: %s (delete that directory to recompute it)", run_dir)
+        return prior
+    if prior and resume == "false":
+        raise ConfigError(f"run directory {run_dir} already holds a run and trainer.resume=false; remove it or "
+                          "use trainer.resume=auto")
+    if str(cfg.task.get("loader")) in _ADAPTERS:  # tasks with their own adapter (cot: generation)
+        raise ConfigError(f"objective=flownib probes classification and regression tasks; task={cfg.task.name} "
+                          "is not one")
+    s = probe_settings(cfg.objective)
+    source = resolve_source(s["source"], cfg)
+    compare = load_compare_entries(s["compare"])  # checked before the expensive part
+    device = resolve_device(s["device"])
+    _quiet_libraries()
+    t_start = time.perf_counter()
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = _base_results(cfg, run_dir, source)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_json(run_dir / RESULTS, results)
+    STARTED_RUN_DIRS.add(str(run_dir.resolve()))  # a failure from here on is recorded in this results.json
+
+    cache_dir = default_cache_dir(cfg.paths)
+    task = load_task(cfg.task)
+    results["task_type"] = "regression" if task.is_regression else "classification"
+    ds = _probe_split(task, s["split"])
+    rows = select_rows(ds["label"][:], task.is_regression, s["max_samples"], s["subsample_seed"])
+    if rows.size < 4:
+        raise DataError(f"task={task.name} split {s['split']!r} has {rows.size} labelled rows; the probe needs "
+                        "at least 4 (choose another objective.split)")
+    ds = ds.select(rows.tolist())
+    model, tokenizer, suffix, head, family, max_len = _load_model(cfg, source, task, cache_dir)
+    pooling, positions = head_pooling(s["pooling"], head, family, getattr(tokenizer, "mask_token_id", None))
+    tokenized = tokenize_split(ds, task, tokenizer, max_len, cache_dir, f"probe-{s['split']}", suffix=suffix)
+    loader = _loader(tokenized, tokenizer, model, int(cfg.trainer.get("eval_batch_size", 64)))
+
+    t0 = time.perf_counter()
+    act = extract_activations(model, loader, pooling=pooling, device=device, head_positions=positions)
+    extract_s = time.perf_counter() - t0
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    log.info("cached X %s and Z %s from %d %s rows in %.1f s; training the critics of %d layers on %s",
+             tuple(act["x"].shape), tuple(act["z"].shape), rows.size, s["split"], extract_s, act["z"].shape[0], device)
+
+    num_classes = None if task.is_regression else int(task.num_labels)
+    result = train_flownib(
+        act["x"], act["z"], act["y"], num_classes, steps=s["steps"], batch_size=s["batch_size"], delta=s["delta"],
+        estimator=s["estimator"], heldout_fraction=s["heldout_fraction"], seed=int(cfg.seed), hidden=s["hidden"],
+        lr=s["lr"], device=device, critic=s["critic"], tau=s["tau"], record_every=s["record_every"])
+    probe_info = {"task": task.name, "model": cfg.model.name, "split": s["split"], "num_samples": int(rows.size),
+                  "pooling": s["pooling"], "pooling_used": pooling, "head": head, "family": family,
+                  "max_length": max_len, "source": source.describe(), "extract_time_s": extract_s}
+    result.config["probe"] = probe_info
+    files = {k: p.name for k, p in write_outputs(result, run_dir).items()}
+    if compare:
+        mine = _compare_label(results, "this run")
+        labels = _unique([mine] + [lab for lab, _, _ in compare])
+        for lab, d, res in compare:
+            other = (res or {}).get("task") or (d.get("config", {}).get("probe") or {}).get("task")
+            if other and other != task.name:
+                log.warning("objective.compare: %s is a probe of task=%s, this run of task=%s", lab, other, task.name)
+        runs = {labels[0]: result, **{lab: d for lab, (_, d, _) in zip(labels[1:], compare)}}
+        files.update({f"compare_{k}": p.name for k, p in compare_runs(runs, run_dir).items()})
+
+    metrics = {**summary_metrics(result), "num_samples": int(rows.size)}
+    for k, v in metrics.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise DataError(f"FlowNIB probe: {k} is not finite ({v}); lower objective.lr or use objective.estimator=smile")
+    steps_done = int(result.steps[-1]) + 1
+    results.update(
+        status="completed",
+        best={"step": steps_done, "epoch": None, "metrics": metrics},
+        final={"step": steps_done, "epoch": None, "metrics": metrics},
+        global_step=steps_done,
+        wall_time_s=time.perf_counter() - t_start,
+        extract_time_s=extract_s,
+        probe_time_s=float(result.wall_time_s),
+        device=device,
+        peak_memory_mb=_peak_memory_mb(torch.device(device)),
+        num_probe_samples=int(rows.size),
+        probe={k: v for k, v in result.config.items() if k != "probe"} | {"split": s["split"], "pooling": s["pooling"]},
+        files=files,
+    )
+    atomic_write_json(run_dir / RESULTS, results)
+    return results
+
+
+__all__ = ["DEFAULTS", "PRIMARY_METRIC", "ProbeSource", "head_pooling", "load_compare_entries", "probe_settings",
+           "resolve_device", "resolve_source", "run_probe", "select_rows", "summary_metrics"]
