@@ -63,8 +63,10 @@ def run_cmiexp(objective: str, a, out: Path, cache: Path) -> dict:
         raise SystemExit(f"cmiexp {objective} failed:\n{proc.stderr[-2000:]}")
     (res_file,) = list(out.rglob(f"{objective}/*/results.json"))
     res = json.loads(res_file.read_text())
-    return {"samples_per_s": res["train_samples_per_s"], "time_s": res["num_train_samples"] / res["train_samples_per_s"],
-            "peak_memory_mb": res["peak_memory_mb"], "process_s": time.time() - t}
+    loop_s = res["num_train_samples"] / res["train_samples_per_s"]
+    pass_s = float((res.get("objective_summary") or {}).get("centroid_pass_s") or 0.0)
+    return {"samples_per_s": res["train_samples_per_s"], "time_s": loop_s, "step_time_s": loop_s - pass_s,
+            "centroid_pass_s": pass_s, "peak_memory_mb": res["peak_memory_mb"], "process_s": time.time() - t}
 
 
 def run_hf(a, out: Path, cache: Path) -> dict:
@@ -125,8 +127,8 @@ def main(argv=None) -> None:
     print(f"cmiexp ce / HF Trainer throughput: {ce['samples_per_s'] / hf['samples_per_s']:.2f}x")
     for obj in ("cmi_min", "mcmi"):
         r = rows[f"cmiexp_{obj}"]
-        print(f"{obj} step-time overhead over ce: {100 * (r['time_s'] / ce['time_s'] - 1):+.1f}% "
-              "(includes its full passes over the training set for centroids)")
+        print(f"{obj} overhead over ce: training steps {100 * (r['step_time_s'] / ce['step_time_s'] - 1):+.1f}%, "
+              f"with its centroid full passes ({r['centroid_pass_s']:.2f} s) {100 * (r['time_s'] / ce['time_s'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
 #   Table 2  classification: 9 tasks x encoders/decoders, head=pooling vs head=masking (encoders) / head=generation
 #            (decoders), RoCoFT column rank 3 (experiment=flownib_cls)
 #   Table 3  regression: STS-B, SICK, WASSA-2017, LCP, CRP, Humicroedit, same grid (experiment=flownib_reg)
-#   probes   average OIC per model (FlowNIB probe; see the PROBE STEP below)
-# then cmiexp-report (Markdown, CSV and LaTeX under OUT/reports/flownib_{cls,reg}; rows split by head).
+#   probes   average OIC per model and head: every completed run is probed (objective=flownib)
+# then cmiexp-report (Markdown, CSV and LaTeX under OUT/reports/flownib_{cls,reg,probe}; rows split by head).
 #
 #   scripts/reproduce_flownib_tables.sh              # the full grid (needs the hub or local data, and GPUs)
 #   scripts/reproduce_flownib_tables.sh --smoke      # offline, minutes: tiny-bert + tiny-gpt2 on ../shared RTE and STS-B
@@ -24,7 +24,7 @@
 # Environment: GLUE_DIR=/path/to/glue_data (standard GLUE layout) reads local GLUE data instead of the hub;
 # DATA_DIR=/path/with/<dataset>/ folders (sick, wassa, lcp, crp, humicroedit, boolq, hellaswag, siqa) reads local copies
 # of the other tasks (WASSA-2017 and CRP have no standard hub copy and need them);
-# CMIEXP / CMIEXP_REPORT override the commands (default: cmiexp / cmiexp-report); CMIEXP_PROBE names the probe command.
+# CMIEXP / CMIEXP_REPORT override the commands (default: cmiexp / cmiexp-report).
 # Re-running the same command resumes unfinished runs and skips finished ones.
 set -euo pipefail
 
@@ -122,18 +122,33 @@ for table in "${table_array[@]}"; do
 done
 
 # ---------------------------------------------------------------- PROBE STEP (average OIC per model)
-# The FlowNIB probe (cmiexp/probes/flownib.py) is built in another issue. When its command exists, name it in
-# CMIEXP_PROBE (e.g. CMIEXP_PROBE="cmiexp-probe flownib"); it is then called once per table on the runs' folder.
-probe=()
-if [[ -n "${CMIEXP_PROBE:-}" ]]; then
-  read -r -a PROBE_CMD <<< "$CMIEXP_PROBE"
-  for table in "${table_array[@]}"; do
-    probe+=("$(printf '%q ' "${PROBE_CMD[@]}" "$out/runs/flownib_$table" --out "$out/reports/flownib_probe_$table")")
-  done
-fi
+# After training, every completed run is probed with the FlowNIB probe (objective=flownib, experiment=flownib_probe),
+# with the run's own task, model, head and data folder; the probe report averages the OIC per model and head.
+probe_overrides=()
+[[ $smoke == 1 ]] && probe_overrides=(objective.steps=20 objective.max_samples=64 objective.batch_size=32)
+probe_commands() {  # $1 = a runs folder; prints one probe command per completed run in it
+  python - "$1" <<'PY'
+import json, pathlib, shlex, sys
+import yaml
+root = pathlib.Path(sys.argv[1])
+for res in sorted(root.rglob("results.json")) if root.exists() else []:
+    r = json.loads(res.read_text())
+    if r.get("status") != "completed" or r.get("objective") == "flownib":
+        continue
+    cfg = yaml.safe_load((res.parent / "config.yaml").read_text())
+    args = ["experiment=flownib_probe", f"objective.source={res.parent}", f"task={r['task']}", f"model={r['model']}",
+            f"head={r.get('head') or 'pooling'}", f"seed={r['seed']}"]
+    if (cfg.get("task") or {}).get("data_dir"):
+        args.append(f"task.data_dir={cfg['task']['data_dir']}")
+    print(shlex.join(args))
+PY
+}
+probe_report="$(printf '%q ' "${REPORT_CMD[@]}" "$out/runs/flownib_probe" --experiment flownib_probe --primary \
+                --group-by head --no-reference --out "$out/reports/flownib_probe")"
 
 if [[ $dry == 1 ]]; then
-  printf '%s\n' "${commands[@]}" "${probe[@]}" "${reports[@]}"
+  printf '%s\n' "${commands[@]}" "# then one probe per completed run: cmiexp experiment=flownib_probe objective.source=RUN ..." \
+    "${reports[@]}" "$probe_report"
   exit 0
 fi
 mkdir -p "$out"
@@ -142,13 +157,16 @@ for c in "${commands[@]}"; do
   echo "== run: $c"
   eval "$c" || status=$?
 done
-if [[ ${#probe[@]} -gt 0 ]]; then
-  for c in "${probe[@]}"; do echo "== probe: $c"; eval "$c" || status=$?; done
-else
-  echo "== probe: skipped (set CMIEXP_PROBE to the FlowNIB probe command to add the average-OIC comparison)"
-fi
+for table in "${table_array[@]}"; do
+  while IFS= read -r args; do
+    [[ -z "$args" ]] && continue
+    c="$(printf '%q ' "${CMIEXP_CMD[@]}") $args paths.output_dir=$(printf '%q' "$out") $(printf '%q ' "${probe_overrides[@]}" "${extra[@]}")"
+    echo "== probe: $c"
+    eval "$c" || status=$?
+  done < <(probe_commands "$out/runs/flownib_$table")
+done
 # The reports mark failed or missing runs, so they are written even when some runs failed.
-for c in "${reports[@]}"; do
+for c in "${reports[@]}" "$probe_report"; do
   echo "== report: $c"
   eval "$c" || status=$?
 done

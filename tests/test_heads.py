@@ -303,7 +303,8 @@ def test_reproduce_script_dry_run_lists_the_grid(tmp_path):
     assert any("experiment=flownib_reg task=reg/wassa model=gpt2-medium" in l and "head=pooling\\,generation" in l
                for l in sweeps)
     reports = [l for l in out if l.startswith("cmiexp-report")]
-    assert len(reports) == 2 and all("--group-by head" in r for r in reports)
+    assert len(reports) == 3 and all("--group-by head" in r for r in reports)
+    assert any("flownib_probe" in r and "--primary" in r for r in reports)
 
 
 @pytest.mark.slow
@@ -315,13 +316,17 @@ def test_reproduce_script_smoke_mode_writes_both_reports(cmiexp_env, tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = find_run_dirs(out / "runs")
-    assert len(runs) == 8  # (RTE, STS-B) x (tiny-bert, tiny-gpt2) x (pooling, masking|generation)
-    for r in runs:
-        assert json.loads((r / "results.json").read_text())["status"] == "completed"
+    # (RTE, STS-B) x (tiny-bert, tiny-gpt2) x (pooling, masking|generation), each trained and then probed
+    assert len(runs) == 16
+    results = [json.loads((r / "results.json").read_text()) for r in runs]
+    assert all(r["status"] == "completed" for r in results)
+    probes = [r for r in results if r["objective"] == "flownib"]
+    assert len(probes) == 8 and {p["head"] for p in probes} == {"pooling", "masking", "generation"}
     cls = (out / "reports" / "flownib_cls" / "report.md").read_text()
     reg = (out / "reports" / "flownib_reg" / "report.md").read_text()
     for head in ("head=pooling", "head=masking", "head=generation"):
         assert head in cls and head in reg
     assert "RTE" in cls and "STS-B" in reg and "STS-B = mse" in reg and "mae" in reg
     assert (out / "reports" / "flownib_reg" / "report.csv").is_file()
-    assert "probe: skipped" in proc.stdout
+    probe_report = (out / "reports" / "flownib_probe" / "report.md").read_text()
+    assert "flownib" in probe_report and "RTE" in probe_report and "STS-B" in probe_report

@@ -126,6 +126,7 @@ class _CentroidObjective(Objective):
         # second one shows that a resume reused the saved centroids instead of recomputing them.
         self.passes_total = 0
         self.passes_session = 0
+        self.pass_seconds = 0.0  # wall time of this session's full passes (separates them from step time)
         # Epoch whose start the current centroids were computed at (-1 = none yet). Lets a
         # mid-epoch resume in ``epoch`` mode keep the centroids the interrupted epoch used.
         self.centroid_epoch = -1
@@ -145,8 +146,12 @@ class _CentroidObjective(Objective):
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         if not self._needs_pass(epoch):
             return
+        import time
+
+        t0 = time.time()
         full_pass_centroids(self.estimator, ctx.model, ctx.full_train_loader, ctx.accelerator,
                             ctx.num_train_examples, ctx.extra.get("input_keys"))
+        self.pass_seconds += time.time() - t0
         self.passes_total += 1
         self.passes_session += 1
         self.centroid_epoch = int(epoch)
@@ -187,6 +192,7 @@ class _CentroidObjective(Objective):
             "momentum": self.momentum if self.mode == "ema" else None,
             "centroid_passes": self.passes_total,
             "centroid_passes_this_session": self.passes_session,
+            "centroid_pass_s": self.pass_seconds,
             "centroid_epoch": self.centroid_epoch,
         }
 
