@@ -50,10 +50,8 @@ def metrics_from_predictions(pred: dict[str, torch.Tensor], task) -> dict[str, f
 
 def cmi_diagnostics_safe(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """CMI, Γ and NCMI of the output distribution on this split (every classification run)."""
-    try:
-        from cmiexp.objectives.cmi import cmi_diagnostics
-    except ImportError:  # the CMI module is optional while it is being developed
-        return {}
+    from cmiexp.objectives.cmi import cmi_diagnostics
+
     present = torch.unique(labels.long())
     if present.numel() < 2:  # Γ needs two classes; a one-class subset has no separation
         return {}
