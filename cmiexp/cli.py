@@ -223,7 +223,10 @@ def check_output_dir(argv: list[str]) -> str | None:
 
 
 def main() -> None:
-    err = check_group_choices(sys.argv[1:]) or check_output_dir(sys.argv[1:])
+    argv = sys.argv[1:]
+    # --help/--cfg/--info only print; they must work from a read-only folder too.
+    prints_only = any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info") for a in argv)
+    err = check_group_choices(argv) or (None if prints_only else check_output_dir(argv))
     if err:
         print(f"cmiexp: error: {err}", file=sys.stderr)
         sys.exit(1)
