@@ -21,7 +21,8 @@ from tests.conftest import GLUE_DIR, compose_config, find_run_dirs, run_cli
 
 RTE = ["task=glue/rte", f"task.data_dir={GLUE_DIR}", "task.max_train_samples=128", "task.max_eval_samples=32",
        "task.max_length=64"]
-PROBE = ["objective=flownib", "objective.steps=30", "objective.max_samples=128", "objective.batch_size=32"]
+PROBE = ["objective=flownib", "objective.steps=30", "objective.max_samples=128", "objective.batch_size=32",
+         "objective.record_every=1"]
 PNGS = ("flownib_information_plane.png", "flownib_deff_by_layer.png", "flownib_oic_by_layer.png")
 
 
@@ -114,6 +115,29 @@ def test_probe_of_finetuned_run_writes_every_output(probed, finetuned):
     assert m["oic_y_mean"] == pytest.approx((oy[0] + oy[1]) / 2) and m["oic_x_mean"] == pytest.approx((ox[0] + ox[1]) / 2)
     assert m["num_layers"] == 2 and m["num_samples"] == 128 and res["final"]["metrics"] == m
     assert "oic_y_mean" in stdout and "status completed" in stdout
+
+
+def test_probe_of_rte_run_respects_the_bounds_of_mi(finetuned, env):
+    """Acceptance: a probe of the fine-tuned tiny-bert on 1000 RTE rows reports test-split estimates
+    inside the bounds of MI (0 <= I(Z;Y) <= ln 2 for a binary task), says it checked them, and draws
+    one trajectory per layer."""
+    rte = [a for a in RTE if not a.startswith("task.max_train_samples")] + ["task.max_train_samples=1000"]
+    proc = run_cli([*rte, "objective=flownib", "objective.steps=200", "objective.max_samples=1000",
+                    "objective.batch_size=64", f"objective.source={finetuned}", "seed=1", "trainer.progress_bar=false"],
+                   env)
+    (run_dir,) = [d for d in find_run_dirs(env["CMIEXP_OUTPUT_DIR"]) if "/flownib/seed1" in d.as_posix()]
+    d = json.loads((run_dir / "flownib.json").read_text())
+    for e in d["layers"]:
+        assert -0.05 <= e["heldout"]["izy"] <= math.log(2) + 0.05, e["heldout"]
+        assert e["heldout"]["ixz"] >= -0.05, e["heldout"]
+    assert d["bounds"]["h_y"] <= math.log(2) + 1e-9
+    assert isinstance(d["ok"], bool) and isinstance(d["flags"], list)
+    assert "FlowNIB OIC" in proc.stdout + proc.stderr  # the one-line summary
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["probe_ok"] == d["ok"] and res["best"]["metrics"]["flagged_estimates"] == len(d["flags"])
+    from cmiexp.probes.flownib import plot_information_plane
+
+    assert plot_information_plane(d, run_dir / "replot.png") == d["num_layers"] == 2
 
 
 def test_rerunning_a_finished_probe_returns_its_result(probed, finetuned, cache_dir):

@@ -109,6 +109,22 @@ class StackedConcatCritic(nn.Module):
             pairs = torch.relu(self.pair(pairs.reshape(k, bsz * bsz, hdim))).reshape(k, bsz, bsz, hdim)
         return torch.einsum("kijh,kh->kij", pairs, self.w_out) + self.b_out[:, None, None]
 
+    def pair_scores(self, x: torch.Tensor, y: torch.Tensor, block: int = 256) -> torch.Tensor:
+        """Scores [K, Bx, By] of every x row against every y row (the two sizes may differ),
+        built block by block so the [*, *, H] pair tensor never exceeds block^2 * H per critic."""
+        a, b = self.g(x), self.h(y)  # [K, Bx, H], [K, By, H]
+        rows = []
+        for i in range(0, a.shape[1], block):
+            cols = []
+            for j in range(0, b.shape[1], block):
+                pairs = torch.relu(a[:, i:i + block, None, :] + b[:, None, j:j + block, :])
+                if self.pair is not None:
+                    k, bi, bj, hdim = pairs.shape
+                    pairs = torch.relu(self.pair(pairs.reshape(k, bi * bj, hdim))).reshape(k, bi, bj, hdim)
+                cols.append(torch.einsum("kijh,kh->kij", pairs, self.w_out) + self.b_out[:, None, None])
+            rows.append(torch.cat(cols, dim=2))
+        return torch.cat(rows, dim=1)
+
 
 class StackedSeparableCritic(nn.Module):
     """K separable critics f_k(x, y) = g_k(x)^T h_k(y); returns [K, B, B]."""
@@ -126,6 +142,10 @@ class StackedSeparableCritic(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_inputs(x, y, self.num_critics)
+        return torch.einsum("kie,kje->kij", self.g(x), self.h(y))
+
+    def pair_scores(self, x: torch.Tensor, y: torch.Tensor, block: int = 0) -> torch.Tensor:
+        """Scores [K, Bx, By] of every x row against every y row (one matmul; ``block`` unused)."""
         return torch.einsum("kie,kje->kij", self.g(x), self.h(y))
 
 

@@ -57,8 +57,10 @@ POOLING_CHOICES = ("mean", "cls", "last", "head")
 DEFAULTS: dict[str, Any] = {
     "source": None, "split": "train", "max_samples": 5000, "pooling": "mean", "steps": 2000, "batch_size": 128,
     "delta": 0.001, "estimator": "dv", "critic": "concat", "hidden": 128, "lr": 1e-3, "tau": 5.0,
-    "heldout_fraction": 0.2, "record_every": 1, "device": "auto", "compare": [], "subsample_seed": 0,
+    "heldout_fraction": 0.2, "test_fraction": 0.2, "select_every": 25, "noise_std": None, "weight_decay": 0.0,
+    "compat": "ours", "record_every": 5, "device": "auto", "compare": [], "subsample_seed": 0,
 }
+COMPAT_CHOICES = ("ours", "reference")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -82,8 +84,22 @@ def probe_settings(objective_cfg) -> dict[str, Any]:
         if int(s["max_samples"]) < 4:
             raise ConfigError(f"objective.max_samples={s['max_samples']} must be >= 4 (or null for the whole split)")
         s["max_samples"] = int(s["max_samples"])
-    if not 0.0 < float(s["heldout_fraction"]) < 1.0:
-        raise ConfigError(f"objective.heldout_fraction={s['heldout_fraction']} must be in (0, 1)")
+    for key in ("heldout_fraction", "test_fraction"):
+        if not 0.0 < float(s[key]) < 1.0:
+            raise ConfigError(f"objective.{key}={s[key]} must be in (0, 1)")
+    if float(s["heldout_fraction"]) + float(s["test_fraction"]) >= 1.0:
+        raise ConfigError(f"objective.heldout_fraction + objective.test_fraction must be < 1, got "
+                          f"{s['heldout_fraction']} + {s['test_fraction']}")
+    if s["noise_std"] is not None and not float(s["noise_std"]) >= 0:
+        raise ConfigError(f"objective.noise_std={s['noise_std']} must be >= 0 or null")
+    if s["compat"] not in COMPAT_CHOICES:
+        raise ConfigError(f"objective.compat={s['compat']!r}; valid choices: {', '.join(COMPAT_CHOICES)}")
+    try:
+        s["select_every"] = int(s["select_every"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"objective.select_every={s['select_every']!r} must be a positive integer") from None
+    if s["select_every"] < 1:
+        raise ConfigError(f"objective.select_every={s['select_every']} must be >= 1")
     if not (float(s["lr"]) > 0 and math.isfinite(float(s["lr"]))):
         raise ConfigError(f"objective.lr={s['lr']} must be a positive number")
     if float(s["delta"]) < 0:
@@ -126,9 +142,9 @@ def select_rows(labels, is_regression: bool, max_samples: int | None, seed: int 
 def summary_metrics(result) -> dict[str, float]:
     """Summary numbers of one probe (nats): mean/max over layers of the OIC coordinates, the
     last layer's OIC, mean held-out estimates and mean participation ratio."""
-    from cmiexp.probes.flownib import _as_result_dict
+    from cmiexp.probes.flownib import as_result_dict
 
-    d = _as_result_dict(result)
+    d = as_result_dict(result)
     layers = d["layers"]
     if not layers:
         raise DataError("the probe produced no layers")
@@ -395,7 +411,8 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     from cmiexp.data import load_task
     from cmiexp.data.tokenize import tokenize_split
     from cmiexp.models.factory import default_cache_dir
-    from cmiexp.probes.flownib import compare_runs, extract_activations, train_flownib, write_outputs
+    from cmiexp.probes.flownib import (compare_runs, extract_activations, summary_line, train_flownib,
+                                       write_outputs)
     from cmiexp.train.runner import (_ADAPTERS, RESULTS, STARTED_RUN_DIRS, _peak_memory_mb, _quiet_libraries,
                                      read_results)
 
@@ -441,7 +458,8 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     loader = _loader(tokenized, tokenizer, model, int(cfg.trainer.get("eval_batch_size", 64)))
 
     t0 = time.perf_counter()
-    act = extract_activations(model, loader, pooling=pooling, device=device, head_positions=positions)
+    act = extract_activations(model, loader, pooling=pooling, device=device, head_positions=positions,
+                              progress=bool(cfg.trainer.get("progress_bar", True)))
     extract_s = time.perf_counter() - t0
     del model
     if device.startswith("cuda"):
@@ -450,15 +468,32 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
              tuple(act["x"].shape), tuple(act["z"].shape), rows.size, s["split"], extract_s, act["z"].shape[0], device)
 
     num_classes = None if task.is_regression else int(task.num_labels)
-    result = train_flownib(
-        act["x"], act["z"], act["y"], num_classes, steps=s["steps"], batch_size=s["batch_size"], delta=s["delta"],
-        estimator=s["estimator"], heldout_fraction=s["heldout_fraction"], seed=int(cfg.seed), hidden=s["hidden"],
-        lr=s["lr"], device=device, critic=s["critic"], tau=s["tau"], record_every=s["record_every"])
+    progress = bool(cfg.trainer.get("progress_bar", True))
+    if s["compat"] == "reference":
+        from cmiexp.probes.flownib.reference import train_flownib_reference
+
+        result = train_flownib_reference(
+            act["x"], act["z"], act["y"], num_classes, steps=s["steps"], delta=s["delta"], seed=int(cfg.seed),
+            lr=s["lr"], device=device, progress=progress)
+    else:
+        result = train_flownib(
+            act["x"], act["z"], act["y"], num_classes, steps=s["steps"], batch_size=s["batch_size"],
+            delta=s["delta"], estimator=s["estimator"], heldout_fraction=s["heldout_fraction"],
+            test_fraction=s["test_fraction"], seed=int(cfg.seed), hidden=s["hidden"], lr=s["lr"], device=device,
+            critic=s["critic"], tau=s["tau"], record_every=s["record_every"], select_every=s["select_every"],
+            noise_std=s["noise_std"], weight_decay=s["weight_decay"], progress=progress)
     probe_info = {"task": task.name, "model": cfg.model.name, "split": s["split"], "num_samples": int(rows.size),
                   "pooling": s["pooling"], "pooling_used": pooling, "head": head, "family": family,
                   "max_length": max_len, "source": source.describe(), "extract_time_s": extract_s}
     result.config["probe"] = probe_info
     files = {k: p.name for k, p in write_outputs(result, run_dir).items()}
+    # the probe checks its own numbers against the bounds of MI and says so loudly
+    log.info("%s", summary_line(result))
+    for f in result.flags:
+        log.warning("FlowNIB estimation failure: %s", f["message"])
+    if result.flags:
+        log.warning("FlowNIB: %d estimate(s) violate a bound of mutual information; they are estimation failures, "
+                    "not findings (see 'flags' in %s)", len(result.flags), run_dir / "flownib.json")
     if compare:
         mine = _compare_label(results, "this run")
         labels = _unique([mine] + [lab for lab, _, _ in compare])
@@ -469,7 +504,7 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         runs = {labels[0]: result, **{lab: d for lab, (_, d, _) in zip(labels[1:], compare)}}
         files.update({f"compare_{k}": p.name for k, p in compare_runs(runs, run_dir).items()})
 
-    metrics = {**summary_metrics(result), "num_samples": int(rows.size)}
+    metrics = {**summary_metrics(result), "num_samples": int(rows.size), "flagged_estimates": len(result.flags)}
     for k, v in metrics.items():
         if isinstance(v, float) and not math.isfinite(v):
             raise DataError(f"FlowNIB probe: {k} is not finite ({v}); lower objective.lr or use objective.estimator=smile")
@@ -487,6 +522,8 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         num_probe_samples=int(rows.size),
         probe={k: v for k, v in result.config.items() if k != "probe"} | {"split": s["split"], "pooling": s["pooling"]},
         files=files,
+        probe_ok=result.ok,
+        probe_flags=[dict(f) for f in result.flags],
     )
     atomic_write_json(run_dir / RESULTS, results)
     return results

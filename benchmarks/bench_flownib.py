@@ -7,8 +7,8 @@ settings: once with all layers' critics stacked (one batched computation per ste
 with ``layerwise_loop=True``. Prints both wall times, their ratio and the largest difference
 between the two runs' trajectories. Nothing is hard-coded: the numbers come from this run.
 
-    python scripts/bench_flownib.py --quick
-    python scripts/bench_flownib.py --steps 200 --device cuda
+    python benchmarks/bench_flownib.py --quick
+    python benchmarks/bench_flownib.py --steps 200 --device cuda
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main(argv=None):
     ap.add_argument("--critic", default="concat", choices=["concat", "separable"])
     ap.add_argument("--estimator", default="dv")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--record-every", type=int, default=5, help="trajectory point every N steps (probe default 5)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -59,7 +60,11 @@ def main(argv=None):
 
     x, z, y = synthetic_activations(layers, n, dim, 2)
     kw = dict(steps=steps, batch_size=args.batch_size, hidden=hidden, critic=args.critic,
-              estimator=args.estimator, device=args.device, seed=0)
+              estimator=args.estimator, device=args.device, seed=0, record_every=args.record_every)
+    import os
+    import platform
+
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print(f"activations: {layers} layers x {n} x {dim}; {steps} steps, batch {args.batch_size}, "
           f"{args.critic} critic (hidden {hidden}), {args.estimator}, device {args.device}, "
           f"{torch.get_num_threads()} threads")
