@@ -189,6 +189,9 @@ def build_meta_model(cfg, task, config, tokenizer):
 
     with without_weights(config):
         if str(cfg.model.get("family")) == "seq2seq" or str(task_loader(cfg)) == "cot":
+            peft = str((cfg.get("peft") or {}).get("name", "none") or "none")
+            if peft != "none":  # as CotAdapter.setup
+                raise ConfigError(f"peft={peft} is not implemented for chain-of-thought (seq2seq) tasks; use peft=none")
             return load_model("<meta>", cfg.model, task, kind="seq2seq", tokenizer=tokenizer)
         model = build_classifier("<meta>", cfg, task, tokenizer)
     # The prompt heads' MLP is built outside the backbone's loader (on the CPU); a run moves the

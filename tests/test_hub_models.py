@@ -221,3 +221,32 @@ def test_t5_untied_head_logits_and_mi_term(name):
     assert pred.loss.shape == () and term.shape == ()
     assert len(pred.encoder_hidden_states) == c.num_layers + 1
     assert len(pred.decoder_hidden_states) == c.num_decoder_layers + 1
+
+
+def test_seq2seq_refuses_peft_in_one_line(cache_dir, cmiexp_env):
+    """The chain-of-thought adapter trains every weight; peft=lora there used to be ignored silently
+    (results.json said peft: lora for a full fine-tuning run)."""
+    from cmiexp.errors import ConfigError
+    from tests.conftest import COT_DIR, run_cli
+
+    cfg = compose_config(["model=t5-v1_1-small", "task=cot/svamp", "objective=dss", "peft=lora"])
+    with pytest.raises(ConfigError, match="peft=lora is not implemented for chain-of-thought"):
+        build_meta_model(cfg, TASK, config_of("t5-v1_1-small"), tokenizer_ids(hub_model("t5-v1_1-small")))
+    proc = run_cli(["task=cot/svamp", f"task.data_dir={COT_DIR}", "model=tiny-t5", "objective=dss", "peft=rocoft"],
+                   cmiexp_env, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("cmiexp: error: peft=rocoft is not implemented for "
+                                                    "chain-of-thought (seq2seq) tasks; use peft=none")
+
+
+def test_model_without_the_needed_auto_class_is_one_line():
+    """MobileLLM's hub code registers only AutoModelForCausalLM; a config transformers has no
+    sequence classifier for must stop with one line, not a traceback."""
+    from transformers import AutoConfig
+
+    from cmiexp.errors import ConfigError
+
+    model_cfg = compose_config(["model=mobilellm-125m"]).model
+    with without_weights(AutoConfig.for_model("vit")), pytest.raises(ConfigError) as e:
+        load_model("<meta>", model_cfg, TASK, kind="classification")
+    assert "model=mobilellm-125m" in str(e.value) and "auto_map" in str(e.value) and "\n" not in str(e.value)

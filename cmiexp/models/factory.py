@@ -44,6 +44,10 @@ def resolve_model_path(model_cfg, task=None, cache_dir: str | Path | None = None
     return str(path)
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _hub_error(path: str, err: Exception) -> CmiexpError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if Path(path).expanduser().exists():
@@ -170,6 +174,13 @@ def load_model(path: str, model_cfg, task=None, kind: str = "classification", to
             raise ConfigError(f"unknown model kind {kind!r}")
     except OSError as e:
         raise _hub_error(path, e) from e
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        # e.g. MobileLLM: its hub code registers only AutoModelForCausalLM (config.json auto_map),
+        # so no sequence-classification or base-model class exists for it.
+        raise ConfigError(f"model={model_cfg.get('name')}: {path} provides no {kind} model class "
+                          f"({_first_line(e)}); check the auto_map of its config.json") from e
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
