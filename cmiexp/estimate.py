@@ -9,6 +9,7 @@ when none of these can be read (offline), the published values in
 Memory per process (all on the accelerator):
 
 * weights: every parameter in fp32 (Accelerate's mixed precision keeps fp32 master weights);
+  with RoCoFT also the full weight of each adapted layer, which it rebuilds as a plain tensor;
 * gradients: fp32, trainable parameters only;
 * AdamW state: two fp32 moments per trainable parameter;
 * activations: *measured*, not guessed: one training forward at the configured per-process batch
@@ -92,12 +93,14 @@ class AutocastEmulation(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
         self.weight_copies: set[int] = set()
+        self._alive: list[torch.Tensor] = []
 
     def _cast(self, x, dtype):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != dtype:
             y = x.to(dtype)
             if isinstance(x, torch.nn.Parameter):
                 self.weight_copies.add(_storage_key(y))
+                self._alive.append(y)  # a freed storage's handle could be reused by a later tensor
             return y
         if isinstance(x, (list, tuple)):
             return type(x)(self._cast(v, dtype) for v in x)
@@ -118,6 +121,7 @@ class ActivationMeasure:
     total_bytes: int = 0
     attention_prob_bytes: int = 0
     weight_copy_bytes: int = 0
+    rebuilt_weight_bytes: int = 0
     num_tensors: int = 0
     output: object = None
 
@@ -153,6 +157,18 @@ def measure_forward(model: torch.nn.Module, forward, precision: str = "no", seq_
         else:
             out = forward(model)
     m = ActivationMeasure(output=out, num_tensors=len(saved))
+    # RoCoFT keeps each adapted layer's full weight as a plain tensor attribute, rebuilt from its
+    # trainable and frozen parts before every forward (cmiexp/models/peft_methods.py): memory held
+    # from step to step, counted on its own and not as an activation.
+    rebuilt = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if hasattr(mod, "rocoft_trainable") and isinstance(w, torch.Tensor) and not isinstance(w, torch.nn.Parameter):
+            rebuilt[_storage_key(w)] = w.untyped_storage().nbytes()
+    m.rebuilt_weight_bytes = sum(rebuilt.values())
+    for key in rebuilt:
+        saved.pop(key, None)
+    m.num_tensors = len(saved)
     for key, (nbytes, is_scores) in saved.items():
         m.total_bytes += nbytes
         if is_scores:
@@ -241,7 +257,7 @@ class Estimate:
 
     def total_bytes(self, fused_attention: bool) -> int:
         act = self.activations.fused_attention_bytes if fused_attention else self.activations.total_bytes
-        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes + act
+        return self.weight_bytes + self.activations.rebuilt_weight_bytes + self.grad_bytes + self.optimizer_bytes + act
 
 
 def _first_line(e: BaseException) -> str:
@@ -419,10 +435,12 @@ def format_estimate(e: Estimate) -> str:
         f"  precision:          {e.precision} (weights, gradients and AdamW state in fp32)",
         "  memory per process:",
         f"    weights           {_gib(e.weight_bytes)}",
+        *([f"    RoCoFT full weights {_gib(a.rebuilt_weight_bytes).strip()} (rebuilt from the trainable and frozen parts "
+             "and kept between steps)"] if a.rebuilt_weight_bytes else []),
         f"    gradients         {_gib(e.grad_bytes)}",
         f"    AdamW state       {_gib(e.optimizer_bytes)}",
         f"    activations       {_gib(a.total_bytes)}  measured: {a.num_tensors} tensors kept for backward"
-        + (f", incl. {_gib(a.weight_copy_bytes).strip()} half-precision weight copies" if a.weight_copy_bytes else ""),
+        + (f", incl. {_gib(a.weight_copy_bytes).strip()} half-precision copies of parameters" if a.weight_copy_bytes else ""),
         f"      of which attention probabilities {_gib(a.attention_prob_bytes).strip()} (not kept by fused SDPA "
         "attention, the GPU default)",
         f"    total             {_gib(e.total_bytes(False))}  (eager attention); "

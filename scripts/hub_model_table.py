@@ -61,7 +61,6 @@ def _k(n: int) -> str:
 def markdown(table) -> str:
     out = ["| model (hub id) | published | ours | Δ | full FT | LoRA r=8 | RoCoFT r=3 | prompt head: full / LoRA / RoCoFT |",
            "|---|---|---|---|---|---|---|---|"]
-    notes = []
     for r in table:
         t = r["trainable"]
         delta = f"{100 * (r['ours'] - r['published']) / r['published']:+.1f}%"
@@ -74,13 +73,16 @@ def markdown(table) -> str:
             pool, prompt = ["(seq2seq LM)", "n/a", "n/a"], "n/a"
         out.append(f"| `{r['name']}` ({r['hub_id']}) | {_m(r['published'])} | {_m(r['ours'])} | {delta} | "
                    f"{' | '.join(pool)} | {prompt} |")
-        if r["note"]:
-            notes.append(f"`{r['name']}`: {r['note']}")
     out.append("")
-    out.append("Published sizes: " + "; ".join(f"`{r['name']}` {r['source']}" for r in table) + ".")
-    for n in dict.fromkeys(notes):
-        out.append("")
-        out.append(n)
+    out.append("Sources of the published sizes:")
+    out.append("")
+    out += [f"- `{r['name']}`: {r['source']}" for r in table]
+    by_note: dict[str, list[str]] = {}
+    for r in table:
+        if r["note"]:
+            by_note.setdefault(r["note"], []).append(f"`{r['name']}`")
+    for note, names in by_note.items():
+        out.append(f"- {', '.join(names)}: {note}")
     return "\n".join(out)
 
 
