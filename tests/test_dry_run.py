@@ -82,6 +82,8 @@ def test_dry_run_equals_a_real_run(cache_dir, cmiexp_env, output_dir, monkeypatc
     assert (e.total_params, e.trainable_params) == (r["total_params"], r["trainable_params"])
     assert e.optimizer_steps == r["global_step"] == 6 and e.epochs == r["epochs"] == 2   # ceil(ceil(40/8)/2) x 2
     assert e.num_train_samples == r["num_train_samples"] == 40
+    # RoCoFT keeps every adapted layer's full fp32 weight: 2 layers x (4 x 128x128 + 2 x 128x256) x 4 bytes
+    assert e.activations.rebuilt_weight_bytes == 2 * (4 * 128 * 128 + 2 * 128 * 256) * 4
 
 
 def test_dry_run_cli_for_bert_base_offline(cmiexp_env, output_dir):

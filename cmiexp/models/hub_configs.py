@@ -81,6 +81,8 @@ _T5_V1_1 = dict(vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu", tie_w
                 relative_attention_num_buckets=32, relative_attention_max_distance=128, layer_norm_epsilon=1e-6,
                 dropout_rate=0.1, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
+_T5_NOTE = " (v1.1: untied LM head, gated-GELU; the T5 paper's 60M/220M/770M are v1.0, tied embeddings)"
+
 _MOBILELLM_NOTE = ("hub config model_type 'mobilellm' (remote code, auto_map: AutoConfig + AutoModelForCausalLM "
                    "only); built here as Llama with tied embeddings (share_embedding: true)")
 
@@ -159,16 +161,16 @@ MODELS: dict[str, HubModel] = {m.name: m for m in [
              hub_model_type="mobilellm"),
     HubModel("t5-v1_1-small", "google/t5-v1_1-small", "seq2seq", "t5",
              dict(_T5_V1_1, d_model=512, d_ff=1024, num_heads=6, num_layers=8, num_decoder_layers=8), 77_000_000,
-             "google/t5-v1_1-small hub model page, model size 77M params (v1.1: untied LM head, gated-GELU)",
+             "size of the released google/t5-v1_1-small checkpoint as commonly quoted, 77M" + _T5_NOTE,
              _hub("google/t5-v1_1-small"), "sentencepiece-t5", 0, None, 1, counted="seq2seq"),
     HubModel("t5-v1_1-base", "google/t5-v1_1-base", "seq2seq", "t5",
              dict(_T5_V1_1, d_model=768, d_ff=2048, num_heads=12, num_layers=12, num_decoder_layers=12), 248_000_000,
-             "google/t5-v1_1-base hub model page, model size 248M params (v1.1: untied LM head, gated-GELU)",
+             "size of the released google/t5-v1_1-base checkpoint as commonly quoted, 248M" + _T5_NOTE,
              _hub("google/t5-v1_1-base"), "sentencepiece-t5", 0, None, 1, counted="seq2seq"),
     HubModel("t5-v1_1-large", "google/t5-v1_1-large", "seq2seq", "t5",
              dict(_T5_V1_1, d_model=1024, d_ff=2816, num_heads=16, num_layers=24, num_decoder_layers=24),
              783_000_000,
-             "google/t5-v1_1-large hub model page, model size 783M params (v1.1: untied LM head, gated-GELU)",
+             "size of the released google/t5-v1_1-large checkpoint as commonly quoted, 783M" + _T5_NOTE,
              _hub("google/t5-v1_1-large"), "sentencepiece-t5", 0, None, 1, counted="seq2seq"),
 ]}
 
