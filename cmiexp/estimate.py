@@ -270,7 +270,7 @@ def resolve_config(cfg, task):
     from transformers import AutoConfig
 
     from cmiexp.models.factory import default_cache_dir, load_tokenizer, resolve_model_path
-    from cmiexp.models.hub_configs import find_by_path, hub_model, published_config
+    from cmiexp.models.hub_configs import find_by_path, published_config
 
     path = resolve_model_path(cfg.model, task, default_cache_dir(cfg.paths))
     common = dict(revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)))
@@ -290,7 +290,6 @@ def resolve_config(cfg, task):
     except CmiexpError:
         if entry is None:
             raise
-        entry = hub_model(entry.name)
         tokenizer = tokenizer_ids(entry)
         tok_source = "special token ids from cmiexp/models/hub_configs.py (tokenizer not reachable)"
     return config, tokenizer, config_source, tok_source
@@ -404,9 +403,8 @@ def _task_stub(cfg):
     """Label count and type from the task config alone (when its data cannot be read)."""
     from cmiexp.data.glue import GLUE_TASKS
 
-    name = str(cfg.task.get("dataset") or "")
-    info = GLUE_TASKS.get(name) if isinstance(GLUE_TASKS, dict) else None
-    if info is None or task_loader(cfg) != "glue":
+    info = GLUE_TASKS.get(str(cfg.task.get("dataset") or "")) if task_loader(cfg) == "glue" else None
+    if info is None:
         raise ConfigError(f"cannot estimate task={cfg.task.name} without its data; set task.data_dir to a local copy")
     labels = list(info.label_names or [])
     n = len(labels) if labels else 1

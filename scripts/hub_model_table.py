@@ -86,28 +86,37 @@ def markdown(table) -> str:
     return "\n".join(out)
 
 
-def check_hub() -> int:
-    """Compare every stored value with the hub's config.json; print the differences."""
-    from transformers import AutoConfig
+def check_hub(names=None, cache_dir=None, local_files_only: bool = False) -> int:
+    """Compare every stored value with the hub's raw config.json; print the differences."""
+    import json
+
+    from huggingface_hub import hf_hub_download
 
     from cmiexp.models.hub_configs import MODELS
 
     bad = 0
     for name, entry in MODELS.items():
+        if names is not None and name not in names:
+            continue
         try:
-            live = AutoConfig.from_pretrained(entry.hub_id, trust_remote_code=bool(entry.hub_model_type))
+            path = hf_hub_download(entry.hub_id, "config.json", cache_dir=cache_dir, local_files_only=local_files_only)
+            with open(path) as f:
+                live = json.load(f)
         except Exception as e:  # noqa: BLE001 - reported per model
-            print(f"{name}: cannot read {entry.hub_id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+            print(f"{name}: cannot read {entry.hub_id}/config.json: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
             bad += 1
             continue
-        diffs = []
+        diffs, absent = [], []
         for key, value in entry.config.items():
-            got = getattr(live, key, "<missing>")
-            if key == "tie_word_embeddings" and entry.model_type == "t5":
-                continue  # transformers 5 forces True for T5 (the checkpoint decides, see factory.py)
-            if got != value and not (isinstance(value, float) and isinstance(got, (int, float)) and float(got) == value):
-                diffs.append(f"{key}: ours {value!r}, hub {got!r}")
-        print(f"{name}: " + ("matches the hub config.json" if not diffs else "; ".join(diffs)))
+            if key not in live:
+                absent.append(key)  # the hub file relies on the transformers default
+            elif live[key] != value and not (isinstance(value, (int, float)) and isinstance(live[key], (int, float))
+                                             and float(live[key]) == float(value)):
+                diffs.append(f"{key}: ours {value!r}, hub {live[key]!r}")
+        if entry.hub_model_type and live.get("model_type") != entry.hub_model_type:
+            diffs.append(f"model_type: expected {entry.hub_model_type!r}, hub {live.get('model_type')!r}")
+        status = "matches the hub config.json" if not diffs else "; ".join(diffs)
+        print(f"{name}: {status}" + (f" (not in the hub file, defaults apply: {', '.join(absent)})" if absent else ""))
         bad += bool(diffs)
     return 1 if bad else 0
 

@@ -109,3 +109,23 @@ def test_dry_run_bad_input_is_one_line(capsys):
     assert main(["trainer.nonexistent_key=1"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("cmiexp: error:") and "nonexistent_key" in err and "\n" not in err
+
+
+def test_dry_run_t5_two_branches(monkeypatch):
+    """DSS trains the label and the rationale branch in one step: both forwards are measured."""
+    from tests.conftest import COT_DIR
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    # no network here: fall back to the published config at once instead of retrying the hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    base = ["task=cot/svamp", f"task.data_dir={COT_DIR}", "model=t5-v1_1-small", "trainer.batch_size=4",
+            "task.max_input_length=64", "task.max_target_length=16"]
+    dss = estimate(compose_config([*base, "objective=dss"]))
+    single = estimate(compose_config([*base, "objective=cot_finetune"]))
+    assert dss.model_class == "T5ForConditionalGeneration" and dss.total_params == single.total_params
+    assert dss.total_params == dss.trainable_params
+    assert dss.num_train_samples == 720 and dss.optimizer_steps == 3 * 180    # SVAMP: 720 train rows, batch 4
+    assert dss.tokens_per_step == 4 * 2 * (64 + 16) and single.tokens_per_step == 4 * (64 + 16)
+    # two graphs are alive at the backward: about twice the activations of one branch
+    assert 1.9 < dss.activations.total_bytes / single.activations.total_bytes < 2.1

@@ -250,3 +250,27 @@ def test_model_without_the_needed_auto_class_is_one_line():
     with without_weights(AutoConfig.for_model("vit")), pytest.raises(ConfigError) as e:
         load_model("<meta>", model_cfg, TASK, kind="classification")
     assert "model=mobilellm-125m" in str(e.value) and "auto_map" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_check_hub_reports_differences(tmp_path, capsys):
+    """scripts/hub_model_table.py --check-hub, against config.json files in a hub-layout cache."""
+    import importlib.util
+    import json
+
+    from tests.conftest import REPO
+    from tests.hub_cache import write_repo
+
+    spec = importlib.util.spec_from_file_location("hub_model_table", REPO / "scripts" / "hub_model_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    good = dict(hub_model("bert-base-uncased").config, model_type="bert", architectures=["BertForMaskedLM"])
+    changed = dict(hub_model("gpt2-medium").config, model_type="gpt2", n_layer=25)
+    changed.pop("activation_function")
+    write_repo(tmp_path, "bert-base-uncased", {"config.json": json.dumps(good).encode()})
+    write_repo(tmp_path, "openai-community/gpt2-medium", {"config.json": json.dumps(changed).encode()})
+    rc = table.check_hub(["bert-base-uncased", "gpt2-medium"], cache_dir=tmp_path, local_files_only=True)
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 1
+    assert out[0] == "bert-base-uncased: matches the hub config.json"
+    assert out[1] == ("gpt2-medium: n_layer: ours 24, hub 25 (not in the hub file, defaults apply: "
+                      "activation_function)")
