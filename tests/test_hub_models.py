@@ -223,20 +223,19 @@ def test_t5_untied_head_logits_and_mi_term(name):
     assert len(pred.decoder_hidden_states) == c.num_decoder_layers + 1
 
 
-def test_seq2seq_refuses_peft_in_one_line(cache_dir, cmiexp_env):
+def test_seq2seq_refuses_peft_in_one_line():
     """The chain-of-thought adapter trains every weight; peft=lora there used to be ignored silently
     (results.json said peft: lora for a full fine-tuning run)."""
     from cmiexp.errors import ConfigError
-    from tests.conftest import COT_DIR, run_cli
+    from cmiexp.train.cot_adapter import CotAdapter
 
     cfg = compose_config(["model=t5-v1_1-small", "task=cot/svamp", "objective=dss", "peft=lora"])
     with pytest.raises(ConfigError, match="peft=lora is not implemented for chain-of-thought"):
         build_meta_model(cfg, TASK, config_of("t5-v1_1-small"), tokenizer_ids(hub_model("t5-v1_1-small")))
-    proc = run_cli(["task=cot/svamp", f"task.data_dir={COT_DIR}", "model=tiny-t5", "objective=dss", "peft=rocoft"],
-                   cmiexp_env, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == ("cmiexp: error: peft=rocoft is not implemented for "
-                                                    "chain-of-thought (seq2seq) tasks; use peft=none")
+    cfg = compose_config(["model=tiny-t5", "task=cot/svamp", "objective=dss", "peft=rocoft"])
+    with pytest.raises(ConfigError) as e:
+        CotAdapter().setup(SimpleNamespace(cfg=cfg, accelerator=None))  # refused before anything is loaded
+    assert str(e.value) == "peft=rocoft is not implemented for chain-of-thought (seq2seq) tasks; use peft=none"
 
 
 def test_model_without_the_needed_auto_class_is_one_line():
