@@ -224,6 +224,10 @@ def check_output_dir(argv: list[str]) -> str | None:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if "--dry-run" in argv:  # sizes, memory and steps without loading weights (cmiexp/estimate.py)
+        from cmiexp.estimate import main as dry_run
+
+        sys.exit(dry_run(argv))
     # --help/--cfg/--info only print; they must work from a read-only folder too.
     prints_only = any(a in ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info") for a in argv)
     err = check_group_choices(argv) or (None if prints_only else check_output_dir(argv))
