@@ -224,8 +224,8 @@ def check_output_dir(argv: list[str]) -> str | None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    if "--dry-run" in argv:  # sizes, memory and steps without loading weights (cmiexp/estimate.py)
-        from cmiexp.estimate import main as dry_run
+    if "--dry-run" in argv:  # sizes, memory and steps without loading weights (cmiexp/dry_run.py)
+        from cmiexp.dry_run import main as dry_run
 
         sys.exit(dry_run(argv))
     # --help/--cfg/--info only print; they must work from a read-only folder too.

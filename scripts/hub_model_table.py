@@ -21,13 +21,13 @@ from types import SimpleNamespace
 
 
 def _compose(overrides):
-    from cmiexp.estimate import compose
+    from cmiexp.dry_run import compose
 
     return compose(overrides)
 
 
 def rows(num_labels: int = 2):
-    from cmiexp.estimate import build_meta_model, tokenizer_ids
+    from cmiexp.dry_run import build_meta_model, tokenizer_ids
     from cmiexp.models.factory import count_parameters, load_model, without_weights
     from cmiexp.models.hub_configs import MODELS, published_config
 

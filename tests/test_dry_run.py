@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from cmiexp.estimate import build_meta_model, estimate, main, measure_forward, meta_batch, optimizer_steps
+from cmiexp.dry_run import build_meta_model, estimate, main, measure_forward, meta_batch, optimizer_steps
 from tests.conftest import GLUE_DIR, compose_config, find_run_dirs, run_cli
 from tests.test_heads import setup_model
 

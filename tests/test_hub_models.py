@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cmiexp.estimate import MetaScalars, build_meta_model, meta_batch, tokenizer_ids
+from cmiexp.dry_run import MetaScalars, build_meta_model, meta_batch, tokenizer_ids
 from cmiexp.models.factory import count_parameters, load_model, without_weights
 from cmiexp.models.heads import model_input_keys
 from cmiexp.models.hub_configs import MODELS, hub_model, num_layers, published_config

@@ -6,7 +6,7 @@ keys that shape the network; the rest keep the transformers defaults, which matc
 token ids of its tokenizer, and the parameter count its authors publish, each with its source.
 ``published_config(name)`` turns an entry into a transformers config; the meta-device tests
 (``tests/test_hub_models.py``), the per-model table (``scripts/hub_model_table.py``) and the dry
-run (``cmiexp ... --dry-run``, ``cmiexp.estimate``) build the real architectures from it.
+run (``cmiexp ... --dry-run``, ``cmiexp.dry_run``) build the real architectures from it.
 
 ``scripts/hub_model_table.py --check-hub`` compares every entry with the live ``config.json``
 (run it once on a machine with hub access; it prints each differing key).

@@ -26,7 +26,7 @@ Not included: the CUDA context and allocator slack (typically 0.5-2 GiB), tempor
 backward pass, a KD teacher (it runs without gradients, or from its cache), evaluation batches.
 FLOPs per optimizer step use the usual 6 x parameters x tokens (forward 2, backward 4).
 
-Also ``python -m cmiexp.estimate <overrides>``.
+Also ``python -m cmiexp.dry_run <overrides>``.
 """
 
 from __future__ import annotations
