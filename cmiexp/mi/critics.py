@@ -30,6 +30,10 @@ import torch.nn as nn
 from cmiexp.errors import ConfigError, DataError
 
 
+#: largest pair tensor (elements) a concat critic slice builds at once: 4M floats = 16 MB
+PAIR_CHUNK_ELEMS = 1 << 22
+
+
 def _uniform(shape, bound: float, gen: torch.Generator) -> torch.Tensor:
     return (torch.rand(shape, generator=gen) * 2.0 - 1.0) * bound
 
@@ -50,6 +54,15 @@ class StackedMLP(nn.Module):
             self.weights.append(nn.Parameter(w))
             self.biases.append(nn.Parameter(b))
         self.num_critics = num_critics
+
+    def forward_slice(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The MLPs of critics start..stop-1 on x [stop - start, B, d]."""
+        n = len(self.weights)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.einsum("kbi,kio->kbo", x, w[start:stop]) + b[start:stop, None, :]
+            if i < n - 1:
+                x = torch.relu(x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, d] (shared by all critics) or [K, B, d]
@@ -103,11 +116,20 @@ class StackedConcatCritic(nn.Module):
         _check_inputs(x, y, self.num_critics)
         a = self.g(x)  # [K, B, H]
         b = self.h(y)  # [K, B, H]
-        pairs = torch.relu(a[:, :, None, :] + b[:, None, :, :])  # [K, B, B, H]
-        if self.pair is not None:
-            k, bsz, _, hdim = pairs.shape
-            pairs = torch.relu(self.pair(pairs.reshape(k, bsz * bsz, hdim))).reshape(k, bsz, bsz, hdim)
-        return torch.einsum("kijh,kh->kij", pairs, self.w_out) + self.b_out[:, None, None]
+        k, bsz, hdim = a.shape
+        # The [K, B, B, H] pair tensor of all critics at once (54M floats for 26 critics of a
+        # BERT-base probe) runs from main memory; a slice of a few critics stays in cache, so the
+        # stacked critics are evaluated in slices of at most PAIR_CHUNK_ELEMS elements each.
+        step = max(1, PAIR_CHUNK_ELEMS // max(1, bsz * b.shape[1] * hdim))
+        outs = []
+        for s in range(0, k, step):
+            pairs = torch.relu(a[s:s + step, :, None, :] + b[s:s + step, None, :, :])
+            if self.pair is not None:
+                kc, b1, b2, _ = pairs.shape
+                pairs = torch.relu(self.pair.forward_slice(pairs.reshape(kc, b1 * b2, hdim), s, s + kc)).reshape(
+                    kc, b1, b2, hdim)
+            outs.append(torch.einsum("kijh,kh->kij", pairs, self.w_out[s:s + step]) + self.b_out[s:s + step, None, None])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def pair_scores(self, x: torch.Tensor, y: torch.Tensor, block: int = 256) -> torch.Tensor:
         """Scores [K, Bx, By] of every x row against every y row (the two sizes may differ),

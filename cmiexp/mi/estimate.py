@@ -170,6 +170,17 @@ def _score_matrix(critic, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return critic.pair_scores(x, y)[0]
 
 
+class ClippedCritic(torch.nn.Module):
+    """clamp(f, -tau, tau) of a critic f: a valid critic whose DV value has bounded variance."""
+
+    def __init__(self, critic, tau: float):
+        super().__init__()
+        self.critic, self.tau = critic, float(tau)
+
+    def pair_scores(self, x: torch.Tensor, y: torch.Tensor, block: int = 256) -> torch.Tensor:
+        return self.critic.pair_scores(x, y).clamp(-self.tau, self.tau)
+
+
 def _chunked_readout(est: str, critic, x: torch.Tensor, y: torch.Tensor, eval_batch_size: int,
                      tau) -> float:
     """Mean readout over nearly equal chunks of at most ~eval_batch_size rows (all off-diagonal
@@ -414,9 +425,13 @@ def _auto_choice(critic, info, xt, yt, tr, va, te, x_va, y_va, x_te, y_te, opts,
         for k, v in common.items():
             setattr(res, k, v)
         return res
-    tau = opts["tau"]
+    # The readout is DV of the critic clipped to [-tau, tau] as a whole: a clipped critic is still a
+    # critic, so on fresh pairs this stays a lower bound in expectation (SMILE's readout clips only
+    # the partition term, which can overshoot at large MI), and its variance is at most e^(2 tau).
+    tau = 5.0 if opts["tau"] is None else float(opts["tau"])
+    clipped = ClippedCritic(critic, tau)
     with torch.no_grad():
-        value = _chunked_readout("smile", critic, x_te, y_te, eb, tau)
+        value = _chunked_readout("dv", clipped, x_te, y_te, eb, None)
     diag["critic_test"] = value
     chosen = "critic"
     if xt.shape[1] + yt.shape[1] <= int(opts["ksg_max_dim"]):
@@ -430,8 +445,8 @@ def _auto_choice(critic, info, xt, yt, tr, va, te, x_va, y_va, x_te, y_te, opts,
             raise ConfigError("ci is not available when auto resolves to ksg (low-dimensional, non-Gaussian "
                               "dependence); repeat over seeds of subsamples instead")
         with torch.no_grad():
-            scores = _score_matrix(critic, x_te, y_te).cpu()
-        res.ci = _bootstrap_readout("smile", scores, float(opts["ci"]), int(opts["bootstrap"]), tau, int(seed))
+            scores = _score_matrix(clipped, x_te, y_te).cpu()
+        res.ci = _bootstrap_readout("dv", scores, float(opts["ci"]), int(opts["bootstrap"]), None, int(seed))
         res.ci_level = float(opts["ci"])
     return res
 

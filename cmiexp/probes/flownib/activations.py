@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cmiexp.errors import ConfigError, DataError
+from cmiexp.probes.flownib.progress import progress as progress_bar
 
 
 def check_pool_inputs(hidden: torch.Tensor, attention_mask: torch.Tensor | None):
@@ -88,10 +89,13 @@ def extract_activations(model, dataloader, pooling: str = "mean", device: str = 
     model.eval()
     xs, zs, ys, ids = [], [], [], []
     try:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(dataloader, desc="FlowNIB activations", disable=not progress, mininterval=2.0, leave=False)
-        for i, batch in enumerate(batches):
+        total = len(dataloader)
+    except TypeError:  # an iterable without a length: the bar counts without a total
+        total = 0
+    bar = progress_bar(total, progress, "FlowNIB activations")
+    try:
+        for i, batch in enumerate(dataloader):
+            bar.update(1)
             for key in ("input_ids", "attention_mask", "labels", "idx"):
                 if key not in batch:
                     raise DataError(f"extract_activations: batch {i} has no {key!r} field")
@@ -112,6 +116,7 @@ def extract_activations(model, dataloader, pooling: str = "mean", device: str = 
             ids.append(torch.as_tensor(batch["idx"]).cpu().long())
     finally:
         model.train(was_training)
+        bar.close()
     if not xs:
         raise DataError("extract_activations: the dataloader yielded no batches")
     return {"x": torch.cat(xs), "z": torch.cat(zs, dim=1), "y": torch.cat(ys), "idx": torch.cat(ids)}

@@ -44,6 +44,7 @@ from cmiexp.mi.critics import CRITICS, make_stacked_critic
 from cmiexp.mi.estimate import entropy_from_labels
 from cmiexp.mi.pairs import batch_stream, eval_chunks, flush_denormals, one_hot_labels, split_three, standardizer
 from cmiexp.probes.flownib.geometry import alpha_schedule, effective_dims, participation_ratio, select_oic
+from cmiexp.probes.flownib.progress import progress as progress_bar
 from cmiexp.probes.flownib.result import FlowNIBResult, check_estimates
 
 
@@ -84,13 +85,6 @@ def prepare_inputs(x, z, y, num_classes):
     if int((yoh.sum(0) > 0).sum()) < 2:
         raise DataError("y holds a single class: I(Z;Y) is 0 and d_eff(Y) is undefined")
     return xt, zt, yoh, True
-
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    # mininterval keeps redirected logs readable; disable=None would also hide it off a terminal
-    return tqdm(total=total, desc=desc, disable=not enabled, mininterval=2.0, leave=False, dynamic_ncols=True)
 
 
 def _chunked(est: str, critic, a: torch.Tensor, b: torch.Tensor, eval_batch: int, tau) -> torch.Tensor:
@@ -323,7 +317,7 @@ def train_flownib(x, z, y, num_classes: int | None, steps: int = 2000, batch_siz
 
     t_train = time.perf_counter()
     total = cfg["steps"] * (num_layers if layerwise_loop else 1)
-    with _progress(total, progress, f"FlowNIB critics ({num_layers} layers)") as bar, flush_denormals():
+    with progress_bar(total, progress, f"FlowNIB critics ({num_layers} layers)") as bar, flush_denormals():
         if layerwise_loop:
             parts = []
             for k in range(num_layers):

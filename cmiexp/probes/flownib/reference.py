@@ -30,6 +30,7 @@ import torch.nn as nn
 from cmiexp.errors import ConfigError, DataError
 from cmiexp.probes.flownib.fit import as_tensor
 from cmiexp.probes.flownib.geometry import effective_dims, participation_ratio, select_oic
+from cmiexp.probes.flownib.progress import progress as progress_bar
 from cmiexp.probes.flownib.result import FlowNIBResult, check_estimates
 
 REFERENCE = {"batch_size": 1000, "epochs": 2000, "lr": 1e-3, "delta": 0.001, "critic_hidden": 512, "clip": 5.0}
@@ -99,10 +100,7 @@ def train_flownib_reference(x, z, y, num_classes: int | None, steps: int = REFER
     alpha = np.maximum(0.0, 1.0 - float(delta) * np.arange(int(steps)))
     ix = np.zeros((int(steps), num_layers))
     iy = np.zeros((int(steps), num_layers))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=int(steps) * num_layers, desc="FlowNIB reference pipeline", disable=not progress,
-               mininterval=2.0, leave=False)
+    bar = progress_bar(int(steps) * num_layers, progress, "FlowNIB reference pipeline")
     for k in range(num_layers):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed) * 1_000_003 + k)
