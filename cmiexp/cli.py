@@ -41,12 +41,17 @@ def _identity_fields(cfg: DictConfig) -> dict:
 
 def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None) -> None:
     """Mark the run as failed in its results.json without touching an earlier invocation's result."""
-    from cmiexp.runs import record_failure
+    from cmiexp.runs import read_run_config, record_failure, run_config_record
     from cmiexp.train.runner import STARTED_RUN_DIRS
 
     try:
-        record_failure(run_dir, _identity_fields(cfg), message, tb,
-                       owns_results=str(run_dir.resolve()) in STARTED_RUN_DIRS)
+        owns = str(run_dir.resolve()) in STARTED_RUN_DIRS
+        if not owns:
+            # The directory was trained with this very config (resume passed its check): the
+            # failure is this run's, e.g. a checkpoint that cannot be loaded.
+            recorded = read_run_config(run_dir)
+            owns = recorded is not None and recorded.get("hash") == run_config_record(cfg)["hash"]
+        record_failure(run_dir, _identity_fields(cfg), message, tb, owns_results=owns)
     except Exception:  # noqa: BLE001 - recording a failure must not hide the failure itself
         log.debug("could not record failure in %s", run_dir, exc_info=True)
 

@@ -189,6 +189,34 @@ def _batch_len(batch: dict) -> int:
     return int(next(v for v in batch.values() if hasattr(v, "shape")).shape[0])
 
 
+def drop_padded_rows(batch: dict, local_index: int, rank: int, world: int, batch_size: int,
+                     num_examples: int) -> tuple[dict, float, int]:
+    """Keep the duplicated rows of the last global batch out of the loss.
+
+    With N processes Accelerate pads the last global batch with repeated examples (even batches),
+    so every rank steps together. Returns (batch without its padded rows, loss weight, real rows in
+    the global batch).
+    The weight makes the ranks' mean losses, averaged by DDP, equal the mean over the real rows of
+    the global batch, i.e. what one process with the whole batch computes. A rank holding only
+    padding keeps its batch (it must still run forward/backward for the gradient all-reduce) with
+    weight 0. One process: the batch unchanged, weight 1."""
+    from cmiexp.objectives.cmi_objectives import full_pass_valid_mask
+
+    n = _batch_len(batch)
+    if world <= 1:
+        return batch, 1.0, n
+    real = int(full_pass_valid_mask(local_index, rank, world, batch_size, n, num_examples).sum())
+    global_real = min(world * batch_size, max(num_examples - local_index * world * batch_size, 0))
+    if real == n and global_real == world * batch_size:
+        return batch, 1.0, global_real
+    if real == 0 or global_real == 0:
+        return batch, 0.0, global_real
+    if real < n:  # the valid rows are a prefix: padding is appended at the end of a local batch
+        batch = {k: (v[:real] if hasattr(v, "shape") and v.ndim > 0 and v.shape[0] == n else v)
+                 for k, v in batch.items()}
+    return batch, real * world / global_real, global_real
+
+
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -506,20 +534,23 @@ class Run:
 
                     loader = skip_first_batches(train_loader, state.batches_in_epoch)
                 for batch in loader:
+                    batch, weight, global_rows = drop_padded_rows(
+                        batch, state.batches_in_epoch, acc.process_index, acc.num_processes, int(t.batch_size),
+                        len(self.train_ds))
                     with acc.accumulate(model):
                         loss, extra = objective.compute_loss(model, batch, ctx)
                         if not torch.isfinite(loss.detach()):
                             raise TrainingDiverged(
                                 f"loss is {loss.item()} at step {state.global_step} (epoch {epoch}); lower trainer.lr "
                                 "or check the objective's weights")
-                        acc.backward(loss)
+                        acc.backward(loss * weight if weight != 1.0 else loss)
                         if acc.sync_gradients and t.max_grad_norm:
                             acc.clip_grad_norm_(model.parameters(), float(t.max_grad_norm))
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad()
                     state.batches_in_epoch += 1
-                    state.samples_seen += _batch_len(batch) * acc.num_processes
+                    state.samples_seen += global_rows
                     running_loss += float(loss.detach())
                     running_n += 1
                     if not acc.sync_gradients:
