@@ -10,6 +10,7 @@ command exits non-zero at the end if any job failed.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -162,6 +163,11 @@ def _entry(cfg: DictConfig):
     multirun = hc.mode == RunMode.MULTIRUN
     verbose = bool(hc.verbose)
     value = _sweeper_wants_value(hc)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in os.environ:
+        # Accelerate's --cpu uses its single-process launcher whatever --num_processes says.
+        log.warning("accelerate launch --cpu starts ONE process; for N CPU processes use "
+                    "`accelerate launch --multi_gpu --num_processes N -m cmiexp ...` or "
+                    "`torchrun --standalone --nproc_per_node N -m cmiexp ...`")
 
     def on_claim() -> None:
         # Called once the run may write to its directory (lock held, config compatible).

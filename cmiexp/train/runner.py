@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.errors import CmiexpError, ConfigError, DataError, TrainingDiverged
 from cmiexp.io import append_jsonl, atomic_write_text
+# RESULTS, SCHEMA and read_results stay importable from here for the probe runner.
 from cmiexp.runs import (RESULTS, SCHEMA, RunLock, RunRefused, check_resume_compatible, read_results,
                          run_config_record, write_results, write_run_config)
 from cmiexp.train.checkpoint import (
