@@ -146,7 +146,7 @@ def _entry(cfg: DictConfig):
     from hydra.types import RunMode
 
     from cmiexp.runs import RunLock, RunRefused, append_index, write_hydra_files
-    from cmiexp.train.runner import Preempted, run_experiment
+    from cmiexp.train.runner import Preempted, claimed_run_dir, run_experiment
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -177,7 +177,7 @@ def _entry(cfg: DictConfig):
 
     # Only rank 0 takes the lock: the other ranks of the same run share the directory by design.
     lock = RunLock(run_dir) if rank0 else None
-    refused = False
+    recorded = False
     try:
         if lock is not None:
             lock.acquire()
@@ -190,7 +190,6 @@ def _entry(cfg: DictConfig):
         sys.exit(143)
     except RunRefused as e:
         # A refusal (directory in use, another training's checkpoint) changes nothing on disk.
-        refused = True
         msg = describe_exception(e)
         if verbose:
             raise
@@ -204,6 +203,7 @@ def _entry(cfg: DictConfig):
         tb = traceback.format_exc()
         if rank0:
             _record_failure(run_dir, cfg, msg, tb)
+            recorded = True
         for h in logging.getLogger().handlers:
             if isinstance(h, logging.FileHandler):  # the log file keeps the traceback too
                 h.handle(logging.LogRecord("cmiexp", logging.ERROR, __file__, 0, "%s", (tb,), None))
@@ -218,7 +218,8 @@ def _entry(cfg: DictConfig):
         return float("nan") if value else None
     finally:
         if lock is not None:
-            lock.release(restore=refused)
+            # A run that wrote nothing (refused, already completed) leaves even the lock record as it was.
+            lock.release(restore=not (recorded or claimed_run_dir(run_dir)))
 
 
 def _run_record(cfg: DictConfig) -> dict:

@@ -87,6 +87,7 @@ def test_spellings_of_one_training_share_a_directory_and_other_trainings_do_not(
     other = _run_dir_of([*base, f"task.data_dir={GLUE_DIR}", "experiment=cmi_glue", "experiment_name=default",
                          "model=tiny-bert"])
     assert other != plain and other.rsplit("-", 1)[0] == plain.rsplit("-", 1)[0]
+    assert _run_dir_of([*base, f"task.data_dir={GLUE_DIR}", "experiment=cmi_glue", "experiment_name=default"]) != plain
     assert _run_dir_of([*base, f"task.data_dir={GLUE_DIR}", "trainer.lr=2e-3"]) != plain
     # The command computes the same directory as the composed config.
     out = run_cli([*base, f"task.data_dir={rel}", "trainer.lr=0.001", "--cfg", "all", "--resolve",
@@ -249,5 +250,50 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
     # The same sweep again: every job is already complete; the sweep keeps its own multirun.yaml.
     again = run_cli(args, e)
     assert again.stdout.count("already completed") == 4
+    assert len((out / "runs" / "index.jsonl").read_text().splitlines()) == 4  # no duplicate entries
     sweeps = sorted((out / "runs" / "sweeps").glob("*/multirun.yaml"))
     assert len(sweeps) == 2 and all("glue/rte,glue/wnli" in p.read_text() for p in sweeps)
+
+
+# ---------------------------------------------------------------- 4. up-front checks, 8. retention
+@pytest.mark.parametrize("override, message", [
+    ("trainer.lr=abc", "trainer.lr='abc' must be a finite number"),
+    ("trainer.lr=0", "trainer.lr=0 must be > 0"),
+    ("trainer.batch_size=2.5", "trainer.batch_size=2.5 must be an integer"),
+    ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
+    ("trainer.save_best=maybe", "trainer.save_best='maybe' must be true or false"),
+    ("trainer.adam_betas=[0.9,1.5]", "trainer.adam_betas[1]=1.5 must be < 1"),
+    ("trainer.checkpoint_retention=some", "trainer.checkpoint_retention='some'; valid choices: full, weights, none"),
+])
+def test_config_types_and_ranges_are_checked_up_front(override, message):
+    from cmiexp.errors import ConfigError
+    from cmiexp.train.runner import check_config
+
+    check_config(compose_config([]))  # the defaults pass
+    with pytest.raises(ConfigError) as e:
+        check_config(compose_config([override]))
+    assert str(e.value) == message
+
+
+def test_checkpoint_retention_options(tmp_path):
+    from cmiexp.train.checkpoint import apply_retention
+
+    def latest(name):
+        d = tmp_path / name / "checkpoint" / "latest"
+        d.mkdir(parents=True)
+        for f in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl",
+                  "trainer_state.json", "objective_state.safetensors", "run_config.json"):
+            (d / f).write_text(f)
+        return d
+
+    for retention in ("full", "weights", "none"):
+        d = latest(retention)
+        apply_retention(d.parents[1], retention)
+        kept = sorted(p.name for p in d.iterdir()) if d.exists() else None
+        if retention == "full":
+            assert "optimizer.bin" in kept and "random_states_0.pkl" in kept
+        elif retention == "weights":
+            assert kept == ["model.safetensors", "objective_state.safetensors", "retention.json", "run_config.json",
+                            "trainer_state.json"]
+        else:
+            assert kept is None

@@ -124,7 +124,8 @@ def _check_number(key: str, value, kind: str, low, low_inclusive: bool, nullable
         raise ConfigError(f"{key}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
 
 
-def _validate(cfg: DictConfig) -> None:
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError naming the key for a trainer value of the wrong type or range (or a bad choice)."""
     t = cfg.trainer
     for key, spec in TRAINER_SCHEMA.items():
         if key in t:
@@ -393,7 +394,7 @@ class Run:
         from cmiexp.train.tracking import make_tracker
 
         _quiet_libraries()
-        _validate(self.cfg)
+        check_config(self.cfg)
         cfg, t = self.cfg, self.cfg.trainer
         resume = str(t.resume).lower()
         # The training config this run is (its identity); a directory trained with another one is
@@ -656,21 +657,28 @@ def run_experiment(cfg: DictConfig, run_dir: str | os.PathLike | None = None, on
     if lock is None:
         lock = on_claim is None
     held = RunLock(run_dir) if lock and _is_rank_zero_env() else None
-    refused = False
     if held is not None:
         held.acquire()
     try:
-        if cfg.objective.get("probe"):
-            # Probes (objective=flownib) read a trained model instead of training one.
-            from cmiexp.probes.run_probe import run_probe
-
-            if on_claim is not None:
-                on_claim()
-            return run_probe(cfg, run_dir)
-        return Run(cfg, run_dir, on_claim).execute()
-    except RunRefused:
-        refused = True
-        raise
+        return _run_locked(cfg, run_dir, on_claim)
     finally:
         if held is not None:
-            held.release(restore=refused)
+            # A run that wrote nothing (refused, already completed) leaves even the lock record as it was.
+            held.release(restore=not claimed_run_dir(run_dir))
+
+
+def claimed_run_dir(run_dir: str | os.PathLike) -> bool:
+    """Whether this process has written the results.json of ``run_dir`` (claimed the directory)."""
+    return str(Path(run_dir).resolve()) in STARTED_RUN_DIRS
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, on_claim) -> dict:
+    if cfg.objective.get("probe"):
+        # Probes (objective=flownib) read a trained model instead of training one.
+        from cmiexp.probes.run_probe import run_probe
+
+        prior = read_results(run_dir)
+        if on_claim is not None and not (prior and prior.get("status") == "completed"):
+            on_claim()
+        return run_probe(cfg, run_dir)
+    return Run(cfg, run_dir, on_claim).execute()
