@@ -297,3 +297,47 @@ def test_checkpoint_retention_options(tmp_path):
                             "trainer_state.json"]
         else:
             assert kept is None
+
+
+def test_failure_record_never_leaves_running_even_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+
+    from cmiexp.runs import read_results, record_failure, results, write_results
+
+    ident = {"task": "synthetic", "seed": 0}
+    done = tmp_path / "done"
+    write_results(done, {"status": "completed", "best": {"x": 1}})
+    record_failure(done, ident, "later failure", "tb", owns_results=False)
+    assert read_results(done)["status"] == "completed"  # an earlier invocation's result is kept
+    assert (done / "error.txt").read_text().startswith("later failure")
+
+    stale = tmp_path / "stale"  # left 'running' by a killed process: ours now (we hold the lock)
+    write_results(stale, {"status": "running"})
+    record_failure(stale, ident, "boom", None, owns_results=False)
+    assert read_results(stale)["status"] == "failed" and read_results(stale)["error"] == "boom"
+
+    full = tmp_path / "full"
+    write_results(full, {"status": "running"})
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(results, "atomic_write_json", no_space)
+    monkeypatch.setattr(results, "atomic_write_text", no_space)
+    record_failure(full, ident, "OSError: [Errno 28] No space left on device", None, owns_results=True)
+    res = read_results(full)
+    assert res["status"] == "failed" and "No space left" in res["error"]
+
+
+def test_resume_check_covers_the_process_count(tmp_path, monkeypatch):
+    """The process count comes from the launcher, not the config, yet it changes the global batch."""
+    from cmiexp.errors import RunRefused
+    from cmiexp.runs import check_resume_compatible, run_config_record, write_run_config
+
+    cfg = compose_config([])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    write_run_config(tmp_path, run_config_record(cfg))
+    check_resume_compatible(tmp_path, run_config_record(cfg))  # same config, same process count
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunRefused, match=r"num_processes \(launcher\): 1 -> 2"):
+        check_resume_compatible(tmp_path, run_config_record(cfg))

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -25,8 +26,11 @@ INDEX = "index.jsonl"
 
 
 def run_config_record(cfg: DictConfig | dict) -> dict:
+    """``{"hash", "config", "num_processes"}``. The process count is not in the config (it comes
+    from the launcher) but changes the global batch, so a resume checks it too."""
     ident = identity_config(cfg)
-    return {"hash": hash_of_identity(ident), "config": ident}
+    return {"hash": hash_of_identity(ident), "config": ident,
+            "num_processes": int(os.environ.get("WORLD_SIZE", "1") or 1)}
 
 
 def read_run_config(path: str | Path) -> dict | None:
@@ -60,9 +64,15 @@ def check_resume_compatible(run_dir: str | Path, record: dict, checkpoint_dir: s
     if old is None and checkpoint_dir is not None:
         old = read_run_config(checkpoint_dir)
         where = Path(checkpoint_dir) / RUN_CONFIG
-    if old is None or old.get("hash") == record["hash"] and old["config"] == record["config"]:
+    if old is None:
+        return
+    procs_new = record["num_processes"]
+    procs_old = old.get("num_processes", procs_new)  # records written before it was stored: not checked
+    if old.get("hash") == record["hash"] and old["config"] == record["config"] and procs_old == procs_new:
         return
     diffs = diff_configs(old["config"], record["config"])
+    if procs_old != procs_new:
+        diffs.append(("num_processes (launcher)", procs_old, procs_new))
     if not diffs:
         return
     shown = "; ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, a, b in diffs[:8])

@@ -45,11 +45,22 @@ def record_failure(run_dir: str | Path, identity: dict, message: str, tb: str | 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     prior = read_results(run_dir)
-    atomic_write_text(run_dir / ERROR_FILE, message + "\n" + (tb or ""))
+    try:
+        atomic_write_text(run_dir / ERROR_FILE, message + "\n" + (tb or ""))
+    except OSError:
+        pass  # e.g. a full disk: results.json below matters more
     # A 'running' left by a killed process is stale (we hold the lock now): it becomes 'failed'.
     if prior is not None and not owns_results and prior.get("status") != "running":
         return
     prior = prior or {}
     prior.update(identity)
     prior.update(status="failed", error=message, run_dir=str(run_dir.resolve()))
-    write_results(run_dir, prior)
+    try:
+        write_results(run_dir, prior)
+    except OSError:
+        # A full disk has no room for the temporary copy; overwriting in place frees the old
+        # blocks first, so "failed" still replaces "running" (not atomic, but better than a lie).
+        import json
+
+        with open(run_dir / RESULTS, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"schema": SCHEMA, **prior}, default=str))
