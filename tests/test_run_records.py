@@ -151,6 +151,8 @@ def test_unreadable_random_state_is_an_error(env, stopped, tmp_path):
     run_dir = _copy_run(stopped, tmp_path / "run")
     rng = run_dir / "checkpoint" / "latest" / "random_states_0.pkl"
     rng.write_bytes(b"not a pickle")
+    record = ("results.json", "error.txt", "cmiexp.log", ".lock.owner")  # what a failure may write
+    before = _digest(run_dir, skip=record)
     proc = run_cli([f"hydra.run.dir={run_dir}", *SYNTH], env, check=False)
     assert proc.returncode == 1
     line = _error_line(proc)
@@ -158,6 +160,7 @@ def test_unreadable_random_state_is_an_error(env, stopped, tmp_path):
     res = _results(run_dir)
     assert res["status"] == "failed" and "random_states_0.pkl" in res["error"]
     assert "Traceback" in (run_dir / "error.txt").read_text()
+    assert _digest(run_dir, skip=record) == before  # checkpoint, configs and .hydra/ untouched
 
 
 def test_checkpoint_swap_recovery_at_every_crash_point(tmp_path):
