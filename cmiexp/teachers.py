@@ -133,6 +133,13 @@ def load_teacher_info(path: str | os.PathLike, key: str = "objective.teacher") -
         hint = " (the run has no checkpoint/best yet: has it finished?)" if (p / "config.yaml").is_file() else ""
         raise ConfigError(f"{key}={path} holds no teacher checkpoint{hint}: expected a finished run directory "
                           "with checkpoint/best, or a save_pretrained folder with config.json")
+    if not any(ckpt.glob("*.safetensors")):
+        # transformers would fall back to the pickle file, or (with no usable weights) silently
+        # initialise a random teacher; cmiexp loads safetensors only.
+        pickles = sorted(f.name for f in ckpt.glob("*.bin"))
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise ConfigError(f"{key}={path}: {ckpt} holds {found}; cmiexp loads safetensors weights only: "
+                          "re-save the model with save_pretrained(..., safe_serialization=True)")
     task = objective = model = cfg = target_scale = None
     if run_dir is not None:
         from cmiexp.runs import read_results

@@ -205,21 +205,34 @@ def _bad_glue(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["config", "data", "bug"])
+def _pickle_teacher(tmp_path: Path) -> Path:
+    d = tmp_path / "teacher"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "num_labels": 3}))
+    (d / "pytorch_model.bin").write_bytes(b"a pickle cmiexp must not load")
+    return d
+
+
+@pytest.mark.parametrize("case", ["config", "data", "bug", "teacher"])
 def test_every_failure_leaves_a_record(env, tmp_path, case):
     out = tmp_path / "out"
     e = dict(env, CMIEXP_OUTPUT_DIR=str(out))
-    args = {"config": [*SYNTH, "trainer.lr=abc"],
-            "data": ["task=glue/rte", f"task.data_dir={_bad_glue(tmp_path)}", "task.max_length=32",
-                     "trainer.progress_bar=false"],
-            # Not one of cmiexp's own errors: a value no check covers reaches float() unvalidated.
-            "bug": [*SYNTH, "task.label_noise=abc"]}[case]
+    if case == "config":
+        args = [*SYNTH, "trainer.lr=abc"]
+    elif case == "data":
+        args = ["task=glue/rte", f"task.data_dir={_bad_glue(tmp_path)}", "task.max_length=32",
+                "trainer.progress_bar=false"]
+    elif case == "bug":  # not one of cmiexp's own errors: a value no check covers reaches float()
+        args = [*SYNTH, "task.label_noise=abc"]
+    else:  # a teacher folder holding only a pickle: refused, not loaded (nor silently random)
+        args = [*SYNTH, "objective=kd", f"objective.teacher={_pickle_teacher(tmp_path)}"]
     proc = run_cli(args, e, check=False)
     assert proc.returncode == 1
     line = _error_line(proc)
     expect = {"config": "trainer.lr='abc' must be a finite number",
               "data": "train.tsv line 6: byte 0xff at column 11 is not valid UTF-8",
-              "bug": "ValueError: could not convert string to float: 'abc' (at synthetic.py:"}[case]
+              "bug": "ValueError: could not convert string to float: 'abc' (at synthetic.py:",
+              "teacher": "holds only pickle weights (pytorch_model.bin); cmiexp loads safetensors weights only"}[case]
     assert expect in line
     (run_dir,) = find_run_dirs(out)
     res = _results(run_dir)
