@@ -1,19 +1,22 @@
 """The ``cmiexp`` command: one Hydra entry point for every objective.
 
-User errors (``CmiexpError``) print one line and exit non-zero; set ``hydra.verbose=true`` for
-the stack trace. In a ``-m`` sweep a failing job is recorded in its run directory and the
-sweep goes on; the command exits non-zero at the end if any job failed.
+Every failure prints one line on stderr and exits non-zero; it is recorded in the run directory
+(``status: failed`` in results.json, the traceback in error.txt) unless the run was refused
+(directory in use, another training in it), which changes nothing. ``hydra.verbose=true`` raises
+the traceback instead. In a ``-m`` sweep a failing job is recorded and the sweep goes on; the
+command exits non-zero at the end if any job failed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.config import CONF_DIR, register_resolvers
 from cmiexp.errors import CmiexpError
@@ -24,29 +27,47 @@ log = logging.getLogger("cmiexp")
 _failures: list[tuple[str, str]] = []
 
 
+def _identity_fields(cfg: DictConfig) -> dict:
+    """The readable identity of a run for its failure record (read defensively: cfg may be bad)."""
+    def get(path):
+        try:
+            return OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
+        except Exception:  # noqa: BLE001 - a broken config must not stop the failure record
+            return None
+
+    return {"experiment": get("experiment_name") or "default", "task": get("task.name"),
+            "model": get("model.name"), "objective": get("objective.name"), "seed": get("seed"),
+            "teacher_objective": get("objective.teacher_objective")}
+
+
 def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None) -> None:
-    """Mark the run as failed in its results.json without touching a completed result."""
-    from cmiexp.io import atomic_write_json, atomic_write_text
-    from cmiexp.train.runner import RESULTS, SCHEMA, STARTED_RUN_DIRS, read_results
+    """Mark the run as failed in its results.json without touching an earlier invocation's result."""
+    from cmiexp.runs import read_run_config, record_failure, run_config_record
+    from cmiexp.train.runner import STARTED_RUN_DIRS
 
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        prior = read_results(run_dir)
-        if prior is not None and str(run_dir.resolve()) not in STARTED_RUN_DIRS:
-            # An earlier run's result stays as it was; the error goes next to it.
-            atomic_write_text(run_dir / "error.txt", message + "\n" + (tb or ""))
-            return
-        prior = prior or {}
-        prior.update(
-            schema=SCHEMA, status="failed", error=message,
-            experiment=cfg.get("experiment_name", "default"), task=cfg.task.get("name"),
-            model=cfg.model.get("name"), objective=cfg.objective.get("name"), seed=cfg.get("seed"),
-            teacher_objective=cfg.objective.get("teacher_objective"), run_dir=str(run_dir.resolve()),
-        )
-        atomic_write_json(run_dir / RESULTS, prior)
-        atomic_write_text(run_dir / "error.txt", message + "\n" + (tb or ""))
+        owns = str(run_dir.resolve()) in STARTED_RUN_DIRS
+        if not owns:
+            # The directory was trained with this very config (resume passed its check): the
+            # failure is this run's, e.g. a checkpoint that cannot be loaded.
+            recorded = read_run_config(run_dir)
+            owns = recorded is not None and recorded.get("hash") == run_config_record(cfg)["hash"]
+        record_failure(run_dir, _identity_fields(cfg), message, tb, owns_results=owns)
     except Exception:  # noqa: BLE001 - recording a failure must not hide the failure itself
         log.debug("could not record failure in %s", run_dir, exc_info=True)
+
+
+def describe_exception(e: BaseException) -> str:
+    """One line naming the cause: the message of our own errors; type, message and the file:line
+    where it was raised for anything else (a bug or a library error)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, CmiexpError):
+        return first or type(e).__name__
+    where = ""
+    tb = traceback.extract_tb(e.__traceback__) if e.__traceback__ else []
+    if tb:
+        where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})"
+    return f"{type(e).__name__}: {first[:300]}{where}"
 
 
 def format_results_table(results: dict) -> str:
@@ -124,12 +145,14 @@ def _entry(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from cmiexp.train.runner import Preempted, run_experiment
+    from cmiexp.runs import RunLock, RunRefused, append_index, write_hydra_files
+    from cmiexp.train.runner import Preempted, claimed_run_dir, run_experiment
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     export_slurm_distributed_env()
-    if not _is_rank_zero():
+    rank0 = _is_rank_zero()
+    if not rank0:
         # Under accelerate/torchrun every rank composes the same config and run directory; only
         # rank 0 writes the log file (workers would interleave their lines into it).
         root = logging.getLogger()
@@ -139,36 +162,70 @@ def _entry(cfg: DictConfig):
         root.setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
     verbose = bool(hc.verbose)
+    value = _sweeper_wants_value(hc)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in os.environ:
+        # Accelerate's --cpu uses its single-process launcher whatever --num_processes says.
+        log.warning("accelerate launch --cpu starts ONE process; for N CPU processes use "
+                    "`accelerate launch --multi_gpu --num_processes N -m cmiexp ...` or "
+                    "`torchrun --standalone --nproc_per_node N -m cmiexp ...`")
+
+    def on_claim() -> None:
+        # Called once the run may write to its directory (lock held, config compatible).
+        if rank0:
+            write_hydra_files(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
+            append_index(Path(cfg.paths.output_dir) / "runs", _run_record(cfg), run_dir, list(hc.overrides.task))
+
+    # Only rank 0 takes the lock: the other ranks of the same run share the directory by design.
+    lock = RunLock(run_dir) if rank0 else None
+    recorded = False
     try:
-        results = run_experiment(cfg, run_dir)
-        if _is_rank_zero():
+        if lock is not None:
+            lock.acquire()
+        results = run_experiment(cfg, run_dir, on_claim=on_claim)
+        if rank0:
             print(format_results_table(results))
-        return objective_value(results) if _sweeper_wants_value(hc) else results
+        return objective_value(results) if value else results
     except Preempted as e:
         print(f"cmiexp: {e}", file=sys.stderr)
         sys.exit(143)
-    except CmiexpError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if _is_rank_zero():
-            _record_failure(run_dir, cfg, msg, traceback.format_exc() if verbose else None)
-        log.error("%s", msg)
+    except RunRefused as e:
+        # A refusal (directory in use, another training's checkpoint) changes nothing on disk.
+        msg = describe_exception(e)
         if verbose:
             raise
+        print(f"cmiexp: error: {msg}", file=sys.stderr)
         if not multirun:
-            print(f"cmiexp: error: {msg}", file=sys.stderr)
             sys.exit(1)
         _failures.append((str(run_dir), msg))
-        return float("nan") if _sweeper_wants_value(hc) else None
-    except Exception as e:  # noqa: BLE001
+        return float("nan") if value else None
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure leaves a record
+        msg = describe_exception(e)
+        tb = traceback.format_exc()
+        if rank0:
+            _record_failure(run_dir, cfg, msg, tb)
+            recorded = True
+        for h in logging.getLogger().handlers:
+            if isinstance(h, logging.FileHandler):  # the log file keeps the traceback too
+                h.handle(logging.LogRecord("cmiexp", logging.ERROR, __file__, 0, "%s", (tb,), None))
+        if verbose or isinstance(e, KeyboardInterrupt):
+            raise
+        hint = "" if isinstance(e, CmiexpError) else \
+            f" [traceback in {run_dir / 'error.txt'}; hydra.verbose=true shows it]"
+        print(f"cmiexp: error: {msg}{hint}", file=sys.stderr)
         if not multirun:
-            raise  # a bug: keep the traceback
-        # In a sweep, one broken job must not take the others down.
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        if _is_rank_zero():
-            _record_failure(run_dir, cfg, msg, traceback.format_exc())
-        log.exception("job failed: %s", run_dir)
+            sys.exit(1)
         _failures.append((str(run_dir), msg))
-        return float("nan") if _sweeper_wants_value(hc) else None
+        return float("nan") if value else None
+    finally:
+        if lock is not None:
+            # A run that wrote nothing (refused, already completed) leaves even the lock record as it was.
+            lock.release(restore=not (recorded or claimed_run_dir(run_dir)))
+
+
+def _run_record(cfg: DictConfig) -> dict:
+    from cmiexp.runs import run_config_record
+
+    return run_config_record(cfg)
 
 
 def group_options(group: str) -> list[str]:

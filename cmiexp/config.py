@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,16 +19,12 @@ def find_conf_dir() -> Path:
 CONF_DIR = find_conf_dir()
 
 
-def run_suffix(override_dirname: str) -> str:
-    """A short, stable hash of the overrides that are not already in the run path ("" if none)."""
-    if not override_dirname:
-        return ""
-    return "-" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
-
-
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("cmiexp_suffix"):
-        OmegaConf.register_new_resolver("cmiexp_suffix", run_suffix)
+    # ${cmiexp_run_id:} in hydra.run.dir: the hash of the job's resolved training config.
+    from cmiexp.runs.identity import run_id_resolver
+
+    if not OmegaConf.has_resolver("cmiexp_run_id"):
+        OmegaConf.register_new_resolver("cmiexp_run_id", run_id_resolver)
 
 
 register_resolvers()

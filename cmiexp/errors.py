@@ -24,3 +24,7 @@ class CheckpointError(CmiexpError):
 
 class TrainingDiverged(CmiexpError):
     """The loss became NaN or infinite."""
+
+
+class RunRefused(CmiexpError):
+    """The run directory is in use or holds another training; the run stopped without changing it."""

@@ -24,14 +24,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` filtered by the process umask: the mode ``open()`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, with the permissions the user's umask gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        # mkstemp creates 0600; the mode survives the rename, so set what a plain open() would give
+        # (collaborators sharing a group must be able to read results and weights).
+        os.fchmod(fd, umask_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -90,6 +105,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def apply_umask_modes(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the mode the umask allows (libraries that write through
+    temporary files, e.g. safetensors, leave 0600), so collaborators can read checkpoints."""
+    file_mode, dir_mode = umask_mode(0o666), umask_mode(0o777)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, dir_mode)
+        for name in files:
+            p = os.path.join(root, name)
+            if not os.path.islink(p):
+                os.chmod(p, file_mode)
+
+
 def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> None:
     """Move a fully written ``tmp_dir`` to ``final_dir``, replacing an older one.
 
@@ -97,6 +124,7 @@ def atomic_replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike)
     place, so at every instant either the old or the new complete directory exists.
     """
     tmp_dir, final_dir = Path(tmp_dir), Path(final_dir)
+    apply_umask_modes(tmp_dir)
     old = final_dir.with_name(final_dir.name + ".old")
     if old.exists():
         shutil.rmtree(old)

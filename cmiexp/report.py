@@ -36,6 +36,7 @@ import yaml
 
 from cmiexp.errors import CmiexpError, ConfigError, DataError
 from cmiexp.io import atomic_write_text
+from cmiexp.runs.results import RESULTS, SCHEMA
 
 __all__ = [
     "RunRecord",
@@ -64,8 +65,9 @@ __all__ = [
     "main",
 ]
 
-SCHEMA_VERSION = 1
-RESULTS_FILE = "results.json"
+# The run-directory contract (file name, schema version) is defined once, in cmiexp.runs.
+SCHEMA_VERSION = SCHEMA
+RESULTS_FILE = RESULTS
 DASH = "—"
 
 GLUE_ORDER = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")

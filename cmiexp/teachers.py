@@ -133,9 +133,18 @@ def load_teacher_info(path: str | os.PathLike, key: str = "objective.teacher") -
         hint = " (the run has no checkpoint/best yet: has it finished?)" if (p / "config.yaml").is_file() else ""
         raise ConfigError(f"{key}={path} holds no teacher checkpoint{hint}: expected a finished run directory "
                           "with checkpoint/best, or a save_pretrained folder with config.json")
+    if not any(ckpt.glob("*.safetensors")):
+        # transformers would fall back to the pickle file, or (with no usable weights) silently
+        # initialise a random teacher; cmiexp loads safetensors only.
+        pickles = sorted(f.name for f in ckpt.glob("*.bin"))
+        found = f"only pickle weights ({', '.join(pickles)})" if pickles else "no weights"
+        raise ConfigError(f"{key}={path}: {ckpt} holds {found}; cmiexp loads safetensors weights only: "
+                          "re-save the model with save_pretrained(..., safe_serialization=True)")
     task = objective = model = cfg = target_scale = None
     if run_dir is not None:
-        res = _read_json(run_dir / "results.json")
+        from cmiexp.runs import read_results
+
+        res = read_results(run_dir)
         if res is not None and res.get("status") not in (None, "completed"):
             raise ConfigError(f"{key}={path}: the teacher run has status {res.get('status')!r}, not completed; "
                               "finish it first (re-run its command) or point to another teacher")
@@ -366,20 +375,19 @@ def isolated_run_state() -> Iterator[None]:
 
 
 def _completed(d: Path) -> bool:
-    from cmiexp.train.runner import read_results
+    from cmiexp.runs import read_results
 
     res = read_results(d)
     return bool(res and res.get("status") == "completed" and (d / "checkpoint" / "best" / "config.json").is_file())
 
 
 def _mark_failed(d: Path, msg: str) -> None:
-    from cmiexp.io import atomic_write_json
-    from cmiexp.train.runner import read_results
+    from cmiexp.runs import read_results, write_results
 
     res = read_results(d)
     if res is not None and res.get("status") != "completed":
         res.update(status="failed", error=msg)
-        atomic_write_json(d / "results.json", res)
+        write_results(d, res)
 
 
 def teacher_overrides_list(teacher_config: Mapping) -> list[str]:
@@ -392,6 +400,7 @@ def ensure_teacher(student_cfg: DictConfig, teacher_config: Mapping, *, num_proc
     """Return the teacher described by ``teacher_config``, training it now unless a completed run
     with the identical resolved config exists. Training happens in this process (isolated RNG)."""
     from cmiexp.io import atomic_write_json
+    from cmiexp.runs import write_results
     from cmiexp.train.runner import resolve_mixed_precision, run_experiment
 
     tcfg = compose_teacher_config(student_cfg, teacher_config)
@@ -430,7 +439,7 @@ def ensure_teacher(student_cfg: DictConfig, teacher_config: Mapping, *, num_proc
                                       "re-run to resume it")
                 # A nested run sees the student's Hydra overrides; record the teacher's own instead.
                 res["overrides"] = teacher_overrides_list(teacher_config)
-                atomic_write_json(d / "results.json", res)
+                write_results(d, res)
                 source, train_s = "trained", time.time() - t0
     else:
         log.info("reusing KD teacher %s", d)

@@ -53,18 +53,18 @@ def _run_dir(args, env) -> str:
     return out.splitlines()[-1].strip()
 
 
-def test_run_dir_is_deterministic_and_hashes_other_overrides(cmiexp_env):
-    from cmiexp.config import run_suffix
+def test_run_dir_is_deterministic_and_hashes_the_config(cmiexp_env):
+    from cmiexp.runs import config_hash
 
     out = cmiexp_env["CMIEXP_OUTPUT_DIR"]
     base = _run_dir(["task=glue/rte", "seed=3"], cmiexp_env)
-    assert base == f"{out}/runs/default/glue/rte/tiny-bert/ce/seed3"
+    assert base == f"{out}/runs/default/glue/rte/tiny-bert/ce/seed3-" + config_hash(compose_config(["task=glue/rte", "seed=3"]))
     # Same command, same directory: that is what makes re-running a command resume it.
     assert _run_dir(["seed=3", "task=glue/rte", "trainer.resume=auto", "trainer.stop_after_steps=5"], cmiexp_env) == base
     lr = _run_dir(["task=glue/rte", "seed=3", "trainer.lr=3e-5"], cmiexp_env)
-    assert lr == base + run_suffix("trainer.lr=3e-5")
-    assert run_suffix("trainer.lr=3e-5") != run_suffix("trainer.lr=2e-5")
-    assert run_suffix("") == ""
+    assert lr == f"{out}/runs/default/glue/rte/tiny-bert/ce/seed3-" + config_hash(
+        compose_config(["task=glue/rte", "seed=3", "trainer.lr=3e-5"]))
+    assert lr != base
 
 
 def test_help_lists_groups_and_options(cmiexp_env):
@@ -75,3 +75,16 @@ def test_help_lists_groups_and_options(cmiexp_env):
     for g in ("model:", "objective:", "task/glue:", "trainer:", "logger:"):
         assert g in out
     assert "tiny-bert" in out and "rte" in out
+
+
+COMMON_TASK_KEYS = ("name", "loader", "data_dir", "max_train_samples", "max_eval_samples", "max_length")
+
+
+def test_every_task_config_shares_the_common_keys():
+    """A sweep over tasks composes the default task first; task.* overrides must fit every task."""
+    from cmiexp.cli import group_options
+
+    for option in group_options("task"):
+        task = compose_config([f"task={option}"]).task
+        missing = [k for k in COMMON_TASK_KEYS if k not in task]
+        assert not missing, f"task={option} lacks {missing}"

@@ -3,7 +3,25 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from cmiexp.errors import DataError
+
+
+def not_utf8_error(path: str | Path, err: UnicodeDecodeError | None = None) -> DataError:
+    """A DataError naming the file, line and byte of the first invalid UTF-8 sequence.
+
+    The decoder's own error gives an offset into a read buffer, not a line, so the file is scanned
+    line by line to find it."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"{path} line {lineno}: byte 0x{raw[e.start]:02x} at column {e.start + 1} is not "
+                                 "valid UTF-8; re-save the file as UTF-8")
+    return DataError(f"{path} is not valid UTF-8 ({err.reason if err else 'decode error'}); re-save it as UTF-8")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cmiexp.data.base import TaskData
+from cmiexp.data.base import TaskData, not_utf8_error
 from cmiexp.errors import ConfigError, DataError
 
 DEFAULT_HUB_PATH = "nyu-mll/glue"
@@ -379,6 +379,13 @@ def read_glue_tsv(path: Path, info: GlueTaskInfo, role: str) -> Any:
 
 
 def _parse_tsv(path: Path, info: GlueTaskInfo, role: str) -> dict[str, list]:
+    try:
+        return _parse_tsv_rows(path, info, role)
+    except UnicodeDecodeError as e:
+        raise not_utf8_error(path, e) from None
+
+
+def _parse_tsv_rows(path: Path, info: GlueTaskInfo, role: str) -> dict[str, list]:
     texts: dict[str, list[str]] = {f: [] for f in info.text_fields}
     labels: list[Any] = []
     with_labels = role != "test" and info.label_column is not None

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cmiexp.data.base import TaskData
+from cmiexp.data.base import TaskData, not_utf8_error
 from cmiexp.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
@@ -325,7 +325,7 @@ def read_table(path: Path, headerless_columns: tuple[str, ...] | None = None) ->
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from e
     except UnicodeDecodeError as e:
-        raise DataError(f"{path} is not UTF-8 text ({e.reason})") from e
+        raise not_utf8_error(path, e) from None
 
 
 def _find_split_files(data_dir: Path, spec: HubTaskSpec, alias: str) -> list[tuple[Path, bool]]:

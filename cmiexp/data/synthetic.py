@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from cmiexp.data.base import TaskData
+from cmiexp.errors import ConfigError
 
 _CONSONANTS = list("bdfgklmnprstvz")
 _VOWELS = list("aeiou")
@@ -68,8 +69,17 @@ def generate_synthetic(
     return {"train": make_split(num_train), "validation": make_split(num_eval), "test": make_split(num_test)}
 
 
+def _max_samples(task_cfg, key: str) -> int | None:
+    value = task_cfg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"task.{key} must be a positive integer or null (= all), got {value!r}")
+    return value
+
+
 def load_synthetic(task_cfg) -> TaskData:
     import datasets
+
+    from cmiexp.data.glue import subsample
 
     num_classes = int(task_cfg.get("num_classes", 3))
     splits = generate_synthetic(
@@ -81,10 +91,16 @@ def load_synthetic(task_cfg) -> TaskData:
         generator_seed=int(task_cfg.get("generator_seed", 1234)),
     )
     ds = {k: datasets.Dataset.from_dict(v) for k, v in splits.items()}
+    if task_cfg.get("data_dir") not in (None, ""):
+        raise ConfigError(f"task.data_dir={task_cfg.get('data_dir')!r}: task={task_cfg.name} is generated in memory "
+                          "and reads no files; leave task.data_dir null or choose a task that reads files")
+    seed = int(task_cfg.get("subsample_seed") or 0)
+    train = subsample(ds["train"], _max_samples(task_cfg, "max_train_samples"), seed)
+    dev = subsample(ds["validation"], _max_samples(task_cfg, "max_eval_samples"), seed)
     return TaskData(
         name=task_cfg.name,
-        train=ds["train"],
-        eval_splits={"validation": ds["validation"]},
+        train=train,
+        eval_splits={"validation": dev},
         test=ds["test"],
         text_fields=("sentence",),
         label_names=[f"topic_{i}" for i in range(num_classes)],

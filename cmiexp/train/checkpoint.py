@@ -9,6 +9,7 @@ weights are safetensors and Accelerate loads its state files with ``weights_only
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,11 +56,16 @@ def has_checkpoint(run_dir: Path) -> bool:
     return (latest_dir(run_dir) / TRAINER_STATE).exists()
 
 
-def save_training_state(accelerator, run_dir: Path, state: TrainerState, objective) -> None:
+def save_training_state(accelerator, run_dir: Path, state: TrainerState, objective,
+                        run_config: dict | None = None) -> None:
     """Save model, optimizer, scheduler, RNG states, counters and objective state atomically.
 
-    Every process must call this (Accelerate saves per-process RNG states)."""
+    ``run_config`` (the run's identity record) is stored with it, so a resume can check that it
+    continues the same training. Every process must call this (Accelerate saves per-process RNG
+    states)."""
     from safetensors.torch import save_file
+
+    from cmiexp.runs import write_run_config
 
     final = latest_dir(run_dir)
     tmp = final.parent / f".{LATEST}.tmp"
@@ -70,6 +76,8 @@ def save_training_state(accelerator, run_dir: Path, state: TrainerState, objecti
     if accelerator.is_main_process:
         obj_state = {k: v.detach().cpu().contiguous() for k, v in objective.state_dict().items()}
         save_file(obj_state, str(tmp / OBJECTIVE_STATE))
+        if run_config is not None:
+            write_run_config(tmp, run_config)
         # The state file is written last: its presence marks a complete checkpoint.
         atomic_write_json(tmp / TRAINER_STATE, asdict(state))
         atomic_replace_dir(tmp, final)
@@ -81,6 +89,9 @@ def load_training_state(accelerator, run_dir: Path, objective, task_name: str, n
     from safetensors.torch import load_file
 
     d = latest_dir(run_dir)
+    if (d / "retention.json").is_file():
+        raise CheckpointError(f"checkpoint {d} was trimmed when its run completed (trainer.checkpoint_retention); "
+                              "it holds weights only and cannot be resumed; use another run directory")
     state = TrainerState.from_file(d / TRAINER_STATE)
     if model_name and state.model and state.model != model_name:
         raise CheckpointError(f"checkpoint {d} was trained with model={state.model}, not model={model_name}; "
@@ -90,6 +101,7 @@ def load_training_state(accelerator, run_dir: Path, objective, task_name: str, n
             f"checkpoint {d} is for task={state.task} ({state.num_labels} labels), not task={task_name} "
             f"({num_labels} labels); use another run directory"
         )
+    _check_random_states(d, accelerator.process_index)
     try:
         accelerator.load_state(str(d))
     except Exception as e:  # noqa: BLE001 - any failure here means the checkpoint does not fit
@@ -99,6 +111,79 @@ def load_training_state(accelerator, run_dir: Path, objective, task_name: str, n
     if obj_file.exists():
         objective.load_state_dict(load_file(str(obj_file)))
     return state
+
+
+RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+def _check_random_states(d: Path, process_index: int) -> None:
+    """Accelerate skips an unloadable RNG file with an info line and resumes with other random
+    numbers (different dropout masks, different metrics); here that is an error."""
+    from accelerate.utils import load
+
+    f = d / f"random_states_{process_index}.pkl"
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {d} lacks {f.name} (the random states of process {process_index}); "
+                              "it was saved with another number of processes or is incomplete")
+    try:
+        states = load(str(f))  # weights_only=True: nothing arbitrary is unpickled
+        missing = [k for k in RNG_KEYS if k not in states]
+    except Exception as e:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"cannot load random states {f}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}; "
+                              "delete the checkpoint folder to start over") from None
+    if missing:
+        raise CheckpointError(f"random states {f} lack {', '.join(missing)}; delete the checkpoint folder to start over")
+
+
+def _step_of(d: Path) -> int | None:
+    try:
+        return int(json.loads((d / TRAINER_STATE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recover_latest(run_dir: Path) -> str | None:
+    """Finish a checkpoint swap that a crash interrupted; returns a sentence saying what was resumed.
+
+    ``atomic_replace_dir`` moves ``latest`` to ``latest.old`` and then ``.latest.tmp`` to
+    ``latest``. A complete folder is one with its trainer_state.json (written last). Whatever the
+    crash point, the newest complete one of the three becomes ``latest``; the others are removed."""
+    final = latest_dir(run_dir)
+    tmp, old = final.parent / f".{LATEST}.tmp", final.with_name(final.name + ".old")
+    candidates = [(p, _step_of(p)) for p in (final, tmp, old) if p.is_dir()]
+    complete = [(p, s) for p, s in candidates if s is not None]
+    if final.is_dir() and _step_of(final) is not None and not old.exists():
+        return None  # the normal state (a stale .tmp is a save that never completed; save removes it)
+    if not complete:
+        return None
+    best, step = max(complete, key=lambda c: (c[1], c[0] == final))
+    if best != final:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(best, final)
+    for p in (tmp, old):
+        if p.exists() and p != best:
+            shutil.rmtree(p, ignore_errors=True)
+    return (f"recovered from an interrupted checkpoint save: resuming from the checkpoint of step {step} "
+            f"(was {best.relative_to(run_dir)})")
+
+
+# What each trainer.checkpoint_retention keeps of checkpoint/latest once a run has completed.
+def apply_retention(run_dir: Path, retention: str) -> None:
+    """``full``: everything (optimizer state included); ``weights``: the model weights, counters
+    and objective state (no optimizer, scheduler or RNG state, about 2/3 of the size with Adam);
+    ``none``: no checkpoint/latest at all (checkpoint/best stays)."""
+    d = latest_dir(run_dir)
+    if retention == "full" or not d.is_dir():
+        return
+    if retention == "none":
+        shutil.rmtree(d)
+        return
+    for f in d.iterdir():
+        if f.is_file() and (f.name.startswith(("optimizer", "scheduler", "random_states", "scaler"))):
+            f.unlink()
+    atomic_write_json(d / "retention.json", {"retention": retention, "resumable": False})
 
 
 def save_best(accelerator, model, tokenizer, run_dir: Path, info: dict) -> None:

@@ -19,11 +19,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.errors import CmiexpError, ConfigError, DataError, TrainingDiverged
-from cmiexp.io import append_jsonl, atomic_write_json, atomic_write_text
+from cmiexp.io import append_jsonl, atomic_write_text
+# RESULTS, SCHEMA and read_results stay importable from here for the probe runner.
+from cmiexp.runs import (RESULTS, SCHEMA, RunLock, RunRefused, check_resume_compatible, read_results,
+                         run_config_record, write_results, write_run_config)
 from cmiexp.train.checkpoint import (
     TrainerState,
+    apply_retention,
     has_checkpoint,
+    latest_dir,
     load_training_state,
+    recover_latest,
     save_best,
     save_training_state,
 )
@@ -31,13 +37,11 @@ from cmiexp.train.evaluate import evaluate
 
 log = logging.getLogger("cmiexp")
 
-RESULTS = "results.json"
 # Run directories whose results.json this process wrote: a failure may update only those, never
 # a result left by an earlier invocation (e.g. a checkpoint of another task in the same folder).
 STARTED_RUN_DIRS: set[str] = set()
 METRICS = "metrics.jsonl"
 TRAIN_LOG = "train_log.jsonl"  # training loss, lr and objective terms every trainer.log_every steps
-SCHEMA = 1
 
 
 class Preempted(CmiexpError):
@@ -76,18 +80,6 @@ def resolve_mixed_precision(value: str) -> str:
     return "no"
 
 
-def read_results(run_dir: Path) -> dict | None:
-    import json
-
-    p = Path(run_dir) / RESULTS
-    if not p.exists():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _parse_every(value, name: str) -> int | None:
     """"epoch" -> None; a positive int -> steps."""
     if value in (None, "epoch"):
@@ -101,13 +93,57 @@ def _parse_every(value, name: str) -> int | None:
     return v
 
 
-def _validate(cfg: DictConfig) -> None:
+# Types and ranges of the loop's settings, checked before anything runs so a bad value names its
+# key (``trainer.lr=abc``) instead of failing deep inside torch. (kind, lower bound, lower bound
+# inclusive, nullable); "int" refuses 2.5 and "abc", "float" refuses "abc", nan and inf.
+TRAINER_SCHEMA = {
+    "epochs": ("int", 1, True, False), "max_steps": ("int", None, True, False),
+    "batch_size": ("int", 1, True, False), "eval_batch_size": ("int", 1, True, False),
+    "grad_accum": ("int", 1, True, False), "lr": ("float", 0, False, False),
+    "weight_decay": ("float", 0, True, False), "adam_eps": ("float", 0, False, False),
+    "warmup_ratio": ("float", 0, True, False), "warmup_steps": ("int", 0, True, False),
+    "max_grad_norm": ("float", 0, True, True), "eval_train_samples": ("int", 1, True, False),
+    "num_workers": ("int", 0, True, False), "log_every": ("int", 1, True, False),
+    "stop_after_steps": ("int", 1, True, True),
+}
+BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu")
+RETENTION_CHOICES = ("full", "weights", "none")
+
+
+def _check_number(key: str, value, kind: str, low, low_inclusive: bool, nullable: bool) -> None:
+    if value is None:
+        if nullable:
+            return
+        raise ConfigError(f"{key}=null must be a{'n integer' if kind == 'int' else ' number'}")
+    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        kind == "int" and isinstance(value, float) and not value.is_integer())
+    if bad_type or not math.isfinite(float(value)):
+        want = "an integer" if kind == "int" else "a finite number"
+        raise ConfigError(f"{key}={value!r} must be {want}")
+    if low is not None and (value < low or (value == low and not low_inclusive)):
+        raise ConfigError(f"{key}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """ConfigError naming the key for a trainer value of the wrong type or range (or a bad choice)."""
     t = cfg.trainer
-    for key in ("batch_size", "eval_batch_size", "grad_accum"):
-        if int(t[key]) <= 0:
-            raise ConfigError(f"trainer.{key}={t[key]} must be a positive integer")
-    if not (float(t.lr) > 0 and math.isfinite(float(t.lr))):
-        raise ConfigError(f"trainer.lr={t.lr} must be a positive number")
+    for key, spec in TRAINER_SCHEMA.items():
+        if key in t:
+            _check_number(f"trainer.{key}", t[key], *spec)
+    for key in BOOL_KEYS:
+        if key in t and not isinstance(t[key], bool):
+            raise ConfigError(f"trainer.{key}={t[key]!r} must be true or false")
+    betas = t.get("adam_betas")
+    if not (OmegaConf.is_list(betas) and len(betas) == 2):
+        raise ConfigError(f"trainer.adam_betas={betas!r} must be a pair [beta1, beta2]")
+    for i, b in enumerate(betas):
+        _check_number(f"trainer.adam_betas[{i}]", b, "float", 0, True, False)
+        if b >= 1:
+            raise ConfigError(f"trainer.adam_betas[{i}]={b!r} must be < 1")
+    _check_number("seed", cfg.get("seed"), "int", 0, True, False)
+    retention = t.get("checkpoint_retention", "weights")
+    if retention not in RETENTION_CHOICES:
+        raise ConfigError(f"trainer.checkpoint_retention={retention!r}; valid choices: {', '.join(RETENTION_CHOICES)}")
     if t.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")
     if str(t.resume) not in ("auto", "True", "False", "true", "false"):
@@ -153,6 +189,34 @@ def _quiet_libraries():
 
 def _batch_len(batch: dict) -> int:
     return int(next(v for v in batch.values() if hasattr(v, "shape")).shape[0])
+
+
+def drop_padded_rows(batch: dict, local_index: int, rank: int, world: int, batch_size: int,
+                     num_examples: int) -> tuple[dict, float, int]:
+    """Keep the duplicated rows of the last global batch out of the loss.
+
+    With N processes Accelerate pads the last global batch with repeated examples (even batches),
+    so every rank steps together. Returns (batch without its padded rows, loss weight, real rows in
+    the global batch).
+    The weight makes the ranks' mean losses, averaged by DDP, equal the mean over the real rows of
+    the global batch, i.e. what one process with the whole batch computes. A rank holding only
+    padding keeps its batch (it must still run forward/backward for the gradient all-reduce) with
+    weight 0. One process: the batch unchanged, weight 1."""
+    from cmiexp.objectives.cmi_objectives import full_pass_valid_mask
+
+    n = _batch_len(batch)
+    if world <= 1:
+        return batch, 1.0, n
+    real = int(full_pass_valid_mask(local_index, rank, world, batch_size, n, num_examples).sum())
+    global_real = min(world * batch_size, max(num_examples - local_index * world * batch_size, 0))
+    if real == n and global_real == world * batch_size:
+        return batch, 1.0, global_real
+    if real == 0 or global_real == 0:
+        return batch, 0.0, global_real
+    if real < n:  # the valid rows are a prefix: padding is appended at the end of a local batch
+        batch = {k: (v[:real] if hasattr(v, "shape") and v.ndim > 0 and v.shape[0] == n else v)
+                 for k, v in batch.items()}
+    return batch, real * world / global_real, global_real
 
 
 def _peak_memory_mb(device) -> float:
@@ -264,10 +328,11 @@ def make_adapter(cfg):
 class Run:
     """State and steps of one run. ``execute()`` does everything and returns the results dict."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike):
+    def __init__(self, cfg: DictConfig, run_dir: str | os.PathLike, on_claim=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.stop = _StopFlag()
+        self.on_claim = on_claim  # called once this run may write into run_dir (e.g. the CLI's .hydra/)
 
     # ------------------------------------------------------------------ setup
     def _setup_accelerator(self):
@@ -316,7 +381,7 @@ class Run:
 
     def _write_results(self, results: dict):
         if self.accelerator.is_main_process:
-            atomic_write_json(self.run_dir / RESULTS, results)
+            write_results(self.run_dir, results)
             STARTED_RUN_DIRS.add(str(self.run_dir.resolve()))
 
     # ------------------------------------------------------------------ main
@@ -329,9 +394,15 @@ class Run:
         from cmiexp.train.tracking import make_tracker
 
         _quiet_libraries()
-        _validate(self.cfg)
+        check_config(self.cfg)
         cfg, t = self.cfg, self.cfg.trainer
         resume = str(t.resume).lower()
+        # The training config this run is (its identity); a directory trained with another one is
+        # refused here, before anything is written (not even a completed run's results are reused).
+        record = run_config_record(cfg)
+        if resume != "false" and _is_rank_zero_env():
+            check_resume_compatible(self.run_dir, record,
+                                    latest_dir(self.run_dir) if has_checkpoint(self.run_dir) else None)
         prior = read_results(self.run_dir)
         if prior and prior.get("status") == "completed" and resume == "auto":
             log.info("run already completed: %s (trainer.resume=false in a new run directory retrains)", self.run_dir)
@@ -339,6 +410,11 @@ class Run:
         if resume == "false" and (has_checkpoint(self.run_dir) or prior):
             raise ConfigError(f"run directory {self.run_dir} already holds a run and trainer.resume=false; "
                               "remove it or use trainer.resume=auto to continue it")
+        if _is_rank_zero_env() and resume != "false":
+            # A crash in the middle of a checkpoint swap: put the newest complete checkpoint back.
+            recovered = recover_latest(self.run_dir)
+            if recovered:
+                log.warning("%s", recovered)
         if resume == "true" and not has_checkpoint(self.run_dir):
             raise ConfigError(f"trainer.resume=true but {self.run_dir}/checkpoint/latest does not exist")
 
@@ -383,6 +459,10 @@ class Run:
         # Only now, with the checkpoint (if any) known to fit, does this run claim the directory.
         if acc.is_main_process:
             atomic_write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            write_run_config(self.run_dir, record)
+            if self.on_claim is not None:
+                self.on_claim()
+        results["config_hash"] = record["hash"]
         self._write_results(results)
         objective.setup(ctx)
 
@@ -409,7 +489,7 @@ class Run:
         def checkpoint() -> None:
             t0 = time.time()
             state.train_time_s = time_before + time.time() - start
-            save_training_state(acc, self.run_dir, state, objective)
+            save_training_state(acc, self.run_dir, state, objective, run_config=record)
             overhead["checkpoint_s"] += time.time() - t0
 
         def _do_eval(epoch_end: bool) -> dict:
@@ -456,20 +536,23 @@ class Run:
 
                     loader = skip_first_batches(train_loader, state.batches_in_epoch)
                 for batch in loader:
+                    batch, weight, global_rows = drop_padded_rows(
+                        batch, state.batches_in_epoch, acc.process_index, acc.num_processes, int(t.batch_size),
+                        len(self.train_ds))
                     with acc.accumulate(model):
                         loss, extra = objective.compute_loss(model, batch, ctx)
                         if not torch.isfinite(loss.detach()):
                             raise TrainingDiverged(
                                 f"loss is {loss.item()} at step {state.global_step} (epoch {epoch}); lower trainer.lr "
                                 "or check the objective's weights")
-                        acc.backward(loss)
+                        acc.backward(loss * weight if weight != 1.0 else loss)
                         if acc.sync_gradients and t.max_grad_norm:
                             acc.clip_grad_norm_(model.parameters(), float(t.max_grad_norm))
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad()
                     state.batches_in_epoch += 1
-                    state.samples_seen += _batch_len(batch) * acc.num_processes
+                    state.samples_seen += global_rows
                     running_loss += float(loss.detach())
                     running_n += 1
                     if not acc.sync_gradients:
@@ -512,7 +595,7 @@ class Run:
 
         state.train_time_s = time_before + time.time() - start
         if interrupted:
-            save_training_state(acc, self.run_dir, state, objective)
+            save_training_state(acc, self.run_dir, state, objective, run_config=record)
             results.update(status="interrupted", global_step=state.global_step)
             self._write_results(results)
             tracker.finish()
@@ -525,8 +608,8 @@ class Run:
         if not last_metrics:
             last_metrics = do_eval(True)
         self.adapter.finalize(self, model, results)
-        # Keep the final training state too: a finished run can be extended with more epochs.
-        save_training_state(acc, self.run_dir, state, objective)
+        # The final training state, then trimmed to trainer.checkpoint_retention once results are written.
+        save_training_state(acc, self.run_dir, state, objective, run_config=record)
         new_samples = state.samples_seen - samples_at_start
         # Throughput of the training steps alone (evaluation and checkpoint writes excluded).
         elapsed = time.time() - start - overhead["eval_s"] - overhead["checkpoint_s"]
@@ -547,6 +630,8 @@ class Run:
         results.update(objective_summary=getattr(objective, "summary", lambda: {})())
         self._write_results(results)
         if acc.is_main_process:
+            apply_retention(self.run_dir, str(t.get("checkpoint_retention", "weights")))
+        if acc.is_main_process:
             tracker.summary({f"best/{k}": v for k, v in state.best_metrics.items()}
                             | {f"final/{k}": v for k, v in last_metrics.items()}
                             | {"wall_time_s": results["wall_time_s"]})
@@ -554,15 +639,46 @@ class Run:
         return results
 
 
-def run_experiment(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
-    """Run (or resume, or skip if complete) the experiment described by ``cfg``."""
+def _is_rank_zero_env() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def run_experiment(cfg: DictConfig, run_dir: str | os.PathLike | None = None, on_claim=None,
+                   lock: bool | None = None) -> dict:
+    """Run (or resume, or skip if complete) the experiment described by ``cfg``.
+
+    ``lock``: hold the run directory's lock for the run (default: unless ``on_claim`` is given,
+    i.e. the CLI, which takes the lock itself so that its failure record is written under it)."""
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = Path(run_dir)
+    if lock is None:
+        lock = on_claim is None
+    held = RunLock(run_dir) if lock and _is_rank_zero_env() else None
+    if held is not None:
+        held.acquire()
+    try:
+        return _run_locked(cfg, run_dir, on_claim)
+    finally:
+        if held is not None:
+            # A run that wrote nothing (refused, already completed) leaves even the lock record as it was.
+            held.release(restore=not claimed_run_dir(run_dir))
+
+
+def claimed_run_dir(run_dir: str | os.PathLike) -> bool:
+    """Whether this process has written the results.json of ``run_dir`` (claimed the directory)."""
+    return str(Path(run_dir).resolve()) in STARTED_RUN_DIRS
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, on_claim) -> dict:
     if cfg.objective.get("probe"):
         # Probes (objective=flownib) read a trained model instead of training one.
         from cmiexp.probes.run_probe import run_probe
 
-        return run_probe(cfg, Path(run_dir))
-    return Run(cfg, run_dir).execute()
+        prior = read_results(run_dir)
+        if on_claim is not None and not (prior and prior.get("status") == "completed"):
+            on_claim()
+        return run_probe(cfg, run_dir)
+    return Run(cfg, run_dir, on_claim).execute()

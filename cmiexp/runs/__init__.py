@@ -1,0 +1,30 @@
+"""The run-directory contract: identity, lock, records, resume compatibility.
+
+A run directory is ``<output_dir>/runs/<experiment>/<task>/<model>/<objective>/seed<N>-<hash>``:
+the readable part names the run, ``<hash>`` is the hash of the resolved training config
+(``identity.config_hash``). Inside it:
+
+* ``run_config.json``  the hashed config (``{"hash", "config"}``), written when the run claims the dir
+* ``results.json``     status (running -> completed | interrupted | failed) and numbers (``results``)
+* ``error.txt``        the failure message and traceback of a failed run
+* ``.hydra/``          Hydra's config.yaml, hydra.yaml, overrides.yaml (written by cmiexp at claim time)
+* ``.lock``, ``.lock.owner``  the per-run lock and the pid/host holding it (``lock``)
+
+``<output_dir>/runs/index.jsonl`` maps each hash to its run directory and readable overrides.
+"""
+
+from cmiexp.runs.identity import (IDENTITY_EXCLUDED_KEYS, config_hash, diff_configs, identity_config,
+                                  run_id_resolver)
+from cmiexp.runs.lock import RunLock, RunLocked
+from cmiexp.errors import RunRefused
+from cmiexp.runs.records import (RUN_CONFIG, append_index, check_resume_compatible,
+                                 read_run_config, run_config_record, write_hydra_files, write_run_config)
+from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, read_results, record_failure,
+                                 write_results)
+
+__all__ = [
+    "IDENTITY_EXCLUDED_KEYS", "config_hash", "diff_configs", "identity_config", "run_id_resolver",
+    "RunLock", "RunLocked", "RUN_CONFIG", "RunRefused", "append_index", "check_resume_compatible",
+    "read_run_config", "run_config_record", "write_hydra_files", "write_run_config",
+    "ERROR_FILE", "RESULTS", "SCHEMA", "STATUSES", "read_results", "record_failure", "write_results",
+]

@@ -1,0 +1,101 @@
+"""One process per run directory.
+
+``RunLock`` holds a ``filelock`` (``fcntl.flock`` underneath) on ``<run_dir>/.lock`` for the whole
+run. The kernel drops an flock when its process dies, so a lock left by a killed run never blocks a
+re-run. The holder's pid, host and start time go into ``.lock.owner`` (a separate file: a waiter
+opens ``.lock`` itself, which would clobber anything written there) so a refused second run can say
+who holds the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from cmiexp.errors import RunRefused
+
+LOCK_FILE = ".lock"
+OWNER_FILE = ".lock.owner"
+
+
+class RunLocked(RunRefused):
+    """Another live process holds the run directory."""
+
+
+class RunLock:
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._previous_owner: tuple[bytes, int, int] | None = None
+        self._created: list[Path] = []
+        self._lock = FileLock(str(self.run_dir / LOCK_FILE), timeout=0, preserve_lock_file=True)
+
+    def owner(self) -> dict:
+        try:
+            return json.loads((self.run_dir / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "RunLock":
+        from cmiexp.io import atomic_write_json
+
+        # Folders this lock creates are removed again by a run that writes nothing (release(restore=True)).
+        missing, p = [], self.run_dir.absolute()
+        while not p.exists() and p.parent != p:
+            missing.append(p)
+            p = p.parent
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._created = missing
+        try:
+            self._lock.acquire()
+        except Timeout:
+            o = self.owner()
+            who = f"pid {o.get('pid', '?')} on host {o.get('host', '?')}"
+            since = f" since {o['started']}" if o.get("started") else ""
+            raise RunLocked(f"run directory {self.run_dir} is in use by {who}{since}; wait for it to finish "
+                            "or choose another run directory") from None
+        owner = self.run_dir / OWNER_FILE
+        if owner.is_file():
+            st = owner.stat()
+            self._previous_owner = (owner.read_bytes(), st.st_atime_ns, st.st_mtime_ns)
+        else:
+            self._previous_owner = None
+        atomic_write_json(owner, {
+            "pid": os.getpid(), "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        return self
+
+    def release(self, restore: bool = False) -> None:
+        """Release; ``restore=True`` (a run that wrote nothing: refused, or already completed) puts
+        the previous owner record back, bytes and times, so the directory is exactly as it was."""
+        if not self._lock.is_locked:
+            return
+        if restore:
+            from cmiexp.io import atomic_write_bytes
+
+            owner = self.run_dir / OWNER_FILE
+            if self._previous_owner is None:
+                owner.unlink(missing_ok=True)
+            else:
+                data, atime_ns, mtime_ns = self._previous_owner
+                atomic_write_bytes(owner, data)
+                os.utime(owner, ns=(atime_ns, mtime_ns))
+        self._lock.release()
+        if restore and self._created:
+            # Waiters never block (timeout 0), so no other process can be queued on this lock file.
+            (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+            for d in self._created:  # innermost first
+                try:
+                    d.rmdir()
+                except OSError:  # not empty: something else was written there
+                    break
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

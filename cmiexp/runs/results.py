@@ -1,0 +1,66 @@
+"""``results.json``: the one record of a run's status and numbers.
+
+Status transitions: (none) -> running -> completed | interrupted | failed; interrupted -> running
+(resume); failed -> running (re-run). A process that exits never leaves ``running`` behind: the
+CLI records every exception as ``failed`` (``record_failure``), with the traceback in ``error.txt``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cmiexp.io import atomic_write_json, atomic_write_text
+
+RESULTS = "results.json"
+ERROR_FILE = "error.txt"
+SCHEMA = 1
+STATUSES = ("running", "completed", "interrupted", "failed")
+
+
+def read_results(run_dir: str | Path) -> dict | None:
+    """The run's results.json, or None if it is missing or unreadable."""
+    p = Path(run_dir) / RESULTS
+    if not p.exists():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_results(run_dir: str | Path, results: dict) -> None:
+    if results.get("status") not in STATUSES:
+        raise ValueError(f"results.json status must be one of {STATUSES}, not {results.get('status')!r}")
+    atomic_write_json(Path(run_dir) / RESULTS, {"schema": SCHEMA, **results})
+
+
+def record_failure(run_dir: str | Path, identity: dict, message: str, tb: str | None,
+                   owns_results: bool) -> None:
+    """Record a failure: ``status: failed`` and the message in results.json, traceback in error.txt.
+
+    ``owns_results`` says whether this process wrote the directory's results.json (or found none);
+    an earlier invocation's result (e.g. a completed run) is kept and only error.txt is written."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prior = read_results(run_dir)
+    try:
+        atomic_write_text(run_dir / ERROR_FILE, message + "\n" + (tb or ""))
+    except OSError:
+        pass  # e.g. a full disk: results.json below matters more
+    # A 'running' left by a killed process is stale (we hold the lock now): it becomes 'failed'.
+    if prior is not None and not owns_results and prior.get("status") != "running":
+        return
+    prior = prior or {}
+    prior.update(identity)
+    prior.update(status="failed", error=message, run_dir=str(run_dir.resolve()))
+    try:
+        write_results(run_dir, prior)
+    except OSError:
+        # A full disk has no room for the temporary copy; overwriting in place frees the old
+        # blocks first, so "failed" still replaces "running" (not atomic, but better than a lie).
+        import json
+
+        with open(run_dir / RESULTS, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"schema": SCHEMA, **prior}, default=str))
