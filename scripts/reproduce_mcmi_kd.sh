@@ -8,7 +8,9 @@
 #   scripts/reproduce_mcmi_kd.sh --smoke          # offline, minutes: tiny-bert teachers, tiny-distilbert students
 #
 # Every teacher is trained on demand by the first student that needs it, into OUT/teachers/<task>/<model>/
-# <objective>/<hash of its config>, and reused by the other seeds and by later invocations.
+# <objective>/<hash of its config>, and reused by the other seeds and by later invocations. The chain is
+# the reference's: CE teacher -> MCMI teacher (one epoch of CE - lam*KL fine-tuning *of that CE teacher*,
+# objective.start=ce, Q_y from the trained CE model) -> KD students of each.
 # Options:
 #   --smoke           tiny models, ../shared/data/glue, small subsets, one short epoch (same configs end to end)
 #   --out DIR         output folder (default: $CMIEXP_OUTPUT_DIR, else outputs/; outputs/smoke with --smoke)
@@ -33,7 +35,7 @@ while [[ $# -gt 0 ]]; do
     --tasks) tasks="$2"; shift ;;
     --seeds) seeds="$2"; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "reproduce_mcmi_kd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift

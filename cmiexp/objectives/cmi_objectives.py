@@ -15,6 +15,7 @@ pad the last global batch with copies of the first samples; those copies are mas
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -24,6 +25,8 @@ from cmiexp.errors import CmiexpError, ConfigError
 from cmiexp.objectives.base import Objective, TrainContext, register_objective
 from cmiexp.objectives.centroids import MODES, CentroidEstimator
 from cmiexp.objectives.cmi import cmi_min_loss, mcmi_loss
+
+log = logging.getLogger("cmiexp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,6 +93,12 @@ def full_pass_centroids(
         )
     estimator.to(accelerator.device)
     return centroids
+
+
+def centroid_spread(centroids: torch.Tensor) -> float:
+    """Largest L1 distance between the centroid rows of two classes (0 = Q_y is class-independent)."""
+    c = centroids.detach().double().cpu()
+    return float(torch.cdist(c, c, p=1).max()) if c.shape[0] > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +232,20 @@ class MaxCmiTeacher(_CentroidObjective):
     """CE - lam * KL(P_x || Q_y) with centroids from the starting model (Ye et al., ICLR 2024)."""
 
     default_mode = "fixed"
+    #: Below this spread (max L1 distance between two classes' centroids) Q_y carries no class
+    #: information: the starting model has not learned the task (e.g. an untrained head).
+    MIN_SPREAD = 0.02
+
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        computed = self._needs_pass(epoch)
+        super().on_epoch_start(ctx, epoch)
+        if computed:
+            spread = centroid_spread(self.estimator.centroids)
+            if spread < self.MIN_SPREAD:
+                log.warning("objective=mcmi: the class centroids Q_y are (nearly) the same for every class "
+                            "(spread %.4f): the starting model has not learned the task, so the KL term carries "
+                            "no class information; start from a trained model (objective.start=ce or "
+                            "trainer.init_from=PATH)", spread)
 
     def loss(self, batch, outputs, ctx):
         labels = batch["labels"]
@@ -231,4 +254,6 @@ class MaxCmiTeacher(_CentroidObjective):
         return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"]}
 
     def summary(self) -> dict:
-        return {"objective": self.name, **super().summary()}
+        c = self.estimator.centroids.detach().float().cpu()
+        return {"objective": self.name, **super().summary(), "centroid_spread": centroid_spread(c),
+                "centroid_rows": c.tolist() if c.shape[0] <= 10 else None}

@@ -179,7 +179,8 @@ class ClassificationAdapter:
         from cmiexp.data.tokenize import tokenize_split
         from cmiexp.models.factory import default_cache_dir, load_tokenizer, resolve_model_path
         from cmiexp.data.targets import normalize_task_targets
-        from cmiexp.models.heads import apply_peft, build_classifier, input_suffix
+        from cmiexp.models.heads import apply_peft, build_classifier, input_suffix, load_classifier
+        from cmiexp.train.init_from import load_init_weights, resolve_init
 
         cfg, acc = run.cfg, run.accelerator
         cache_dir = default_cache_dir(cfg.paths)
@@ -193,7 +194,9 @@ class ClassificationAdapter:
             if not task.eval_splits:
                 raise DataError(f"task={task.name} has no labelled dev split to evaluate on")
             path = resolve_model_path(cfg.model, task, cache_dir)
-            tokenizer = load_tokenizer(path, cfg.model)
+            init = resolve_init(cfg, task)  # trainer.init_from: checked before anything is trained
+            # A run started from a checkpoint reads text through that checkpoint's own tokenizer.
+            tokenizer = load_tokenizer(str(init.checkpoint_dir) if init else path, cfg.model)
             max_len = int(cfg.task.get("max_length", 128))
             suffix = input_suffix(cfg, tokenizer)  # head=masking/generation: prompt appended to every input
             train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train", suffix=suffix)
@@ -205,7 +208,10 @@ class ClassificationAdapter:
         with torch.random.fork_rng(devices=[]):
             # The head's initialisation depends on the run seed only, not on what ran before.
             torch.manual_seed(int(cfg.seed))
-            model = apply_peft(build_classifier(path, cfg, task, tokenizer), cfg)
+            model = build_classifier(path, cfg, task, tokenizer)
+            if init is not None:
+                load_init_weights(model, init, load_classifier)
+            model = apply_peft(model, cfg)
         run.task, run.tokenizer, run.model_path = task, tokenizer, path
         run.train_ds, run.eval_ds = train, evals
         run.model = model
@@ -311,6 +317,7 @@ class Run:
             "peft": (cfg.get("peft") or {}).get("name", "none"),
             "primary_metric": getattr(getattr(self, "task", None), "primary_metric", cfg.task.get("primary_metric")),
             "overrides": overrides,
+            "init_from": cfg.trainer.get("init_from"),
             "run_dir": str(self.run_dir.resolve()),
         }
 
@@ -565,4 +572,8 @@ def run_experiment(cfg: DictConfig, run_dir: str | os.PathLike | None = None) ->
         from cmiexp.probes.run_probe import run_probe
 
         return run_probe(cfg, Path(run_dir))
+    from cmiexp.train.init_from import prepare_start
+
+    # objective.start=ce (objective=mcmi): train or reuse the CE model this run fine-tunes.
+    cfg = prepare_start(cfg, Path(run_dir))
     return Run(cfg, run_dir).execute()
