@@ -168,6 +168,7 @@ def test_mcmi_from_a_trained_ce_run_has_class_dependent_centroids_and_higher_dev
     assert mc["objective_summary"]["centroid_spread"] > 0.5
     assert cont["global_step"] == mc["global_step"] == 94 and cont["init_from"] == str(sst2_runs["A_dir"])
     assert _m(mc)["accuracy"] > 0.65 and _m(cont)["accuracy"] > 0.65  # both still solve the task
+    assert mc["collapsed"] is False and cont["collapsed"] is False and sst2_runs["A"]["collapsed"] is False
     # Matched steps (94 after A): MCMI ends with a clearly higher dev CMI than CE, and than A.
     assert _m(mc)["cmi"] > 1.2 * _m(cont)["cmi"], (_m(mc)["cmi"], _m(cont)["cmi"])
     assert _m(mc)["cmi"] > 1.2 * _m(a)["cmi"], (_m(mc)["cmi"], _m(a)["cmi"])
@@ -179,7 +180,7 @@ def test_mcmi_from_a_trained_ce_run_has_class_dependent_centroids_and_higher_dev
 def test_cmi_min_ends_with_lower_dev_cmi_than_ce_at_matched_steps(sst2_runs):
     a, cm = sst2_runs["A"], sst2_runs["cmi_min"]
     assert cm["global_step"] == a["global_step"] == 188
-    assert _m(cm)["accuracy"] > 0.65 and _m(a)["accuracy"] > 0.65
+    assert _m(cm)["accuracy"] > 0.65 and _m(a)["accuracy"] > 0.65 and cm["collapsed"] is False
     assert _m(cm)["cmi"] < 0.5 * _m(a)["cmi"], (_m(cm)["cmi"], _m(a)["cmi"])
     assert _m(cm, "best")["cmi"] < _m(a, "best")["cmi"]
 

@@ -321,6 +321,21 @@ class Run:
             "run_dir": str(self.run_dir.resolve()),
         }
 
+    def _check_collapse(self, results: dict, best: dict, final: dict) -> None:
+        """Flag a classifier whose dev predictions are (nearly) all one class, on the console and
+        in results.json: its metric is the majority-class rate, not a learned result."""
+        from cmiexp.train.evaluate import COLLAPSE_SHARE, collapse_fields
+
+        share = float(self.cfg.trainer.get("collapse_share", COLLAPSE_SHARE))
+        fields = collapse_fields(best, final, getattr(self.task, "label_names", None), share)
+        results.update(fields)
+        if fields.get("collapsed"):
+            which = " and ".join(fields["collapsed_at"])
+            hist = fields["predicted_class_histogram"][fields["collapsed_at"][0]]
+            log.warning("COLLAPSED: the %s dev predictions are (nearly) all one class (%s); the model has not "
+                        "learned task=%s: check trainer.lr (now %g), train longer or on more data", which,
+                        ", ".join(f"{k}: {v}" for k, v in hist.items()), self.task.name, float(self.cfg.trainer.lr))
+
     def _write_results(self, results: dict):
         if self.accelerator.is_main_process:
             atomic_write_json(self.run_dir / RESULTS, results)
@@ -552,6 +567,7 @@ class Run:
             mixed_precision=acc.mixed_precision,
         )
         results.update(objective_summary=getattr(objective, "summary", lambda: {})())
+        self._check_collapse(results, state.best_metrics, last_metrics)
         self._write_results(results)
         if acc.is_main_process:
             tracker.summary({f"best/{k}": v for k, v in state.best_metrics.items()}
