@@ -119,6 +119,12 @@ def sst2_runs(tmp_path_factory, cache_dir):
             [*common, "objective=ce", f"trainer.init_from={runs['A_dir']}", "trainer.epochs=1"]), out / "ce_cont")
         runs["cmi_min"] = run_experiment(compose_config([*common, "objective=cmi_min", "objective.lam=2.0"]),
                                          out / "cmi_min")
+        # The numbers behind the assertions (pytest -s shows them; README quotes one such run).
+        for name in ("A", "mcmi", "ce_cont", "cmi_min"):
+            r = runs[name]
+            print(f"sst2-acceptance {name}: steps {r['global_step']}, final acc {_m(r)['accuracy']:.4f} cmi "
+                  f"{_m(r)['cmi']:.4f}, best (step {r['best']['step']}) acc {_m(r, 'best')['accuracy']:.4f} cmi "
+                  f"{_m(r, 'best')['cmi']:.4f}")
         yield runs
     finally:
         torch.set_num_threads(threads)
