@@ -59,6 +59,23 @@ def test_full_mode_commands(script, sweep, tmp_path, cmiexp_env):
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("script,want", [
+    ("reproduce_cmi_glue.sh", ["task=glue/sst2,glue/mrpc,glue/rte,glue/cola", "seed=1,2,3", "model=tiny-bert",
+                               "task.max_train_samples=2000", "trainer.epochs=3"]),
+    ("reproduce_mcmi_kd.sh", ["task=glue/sst2", "seed=1,2,3", "model=tiny-distilbert", "task.max_train_samples=3000",
+                              "objective.teacher_config.model=tiny-bert", "objective.teacher_config.trainer.epochs=2"]),
+])
+def test_mini_mode_commands(script, want, tmp_path, cmiexp_env):
+    """--mini: the README's offline mini reproductions (tiny models, ../shared data, 3 seeds, dev CMI table)."""
+    proc = _run(script, ["--mini", "--dry-run", "--out", str(tmp_path / "o")],
+                dict(cmiexp_env, CMIEXP="cmiexp", CMIEXP_REPORT="cmiexp-report"))
+    sweep_line, report_line = proc.stdout.strip().splitlines()
+    words = sweep_line.replace("\\,", ",").split()
+    assert all(w in words for w in want), words
+    assert any(w.startswith("task.data_dir=") and w.endswith("shared/data/glue") for w in words)
+    assert report_line.endswith("--extra-metric cmi") and not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_cmi_glue_smoke_ends_with_report(tmp_path, cmiexp_env):
     out = tmp_path / "smoke"
