@@ -4,6 +4,7 @@ a switch, and on fixed inputs the switch gives the reference's number (golden va
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +17,32 @@ from cmiexp.models.factory import count_parameters
 from cmiexp.objectives.centroids import CentroidEstimator
 from cmiexp.objectives.cmi import cmi_diagnostics, cmi_min_loss, ncmi, separation
 from cmiexp.objectives.cmi_objectives import full_pass_centroids
+from cmiexp.data.base import TaskData
+from cmiexp.objectives import TrainContext, build_objective
 from tests.conftest import compose_config
-from tests.test_cmi_objectives import _ctx, _fake_accelerator, _objective, _task
-from tests.test_heads import setup_model
-from tests.test_peft import _step
+from tests.test_heads import collate, setup_model
+
+
+def _fake_accelerator():
+    return SimpleNamespace(num_processes=1, process_index=0, reduce=lambda t, op: t, device=torch.device("cpu"))
+
+
+def _objective(name, **knobs):
+    task = TaskData(name="toy", train=None, eval_splits={}, text_fields=("sentence",), label_names=["a", "b", "c"],
+                    metrics=["accuracy"], primary_metric="accuracy", is_regression=False)
+    ctx = TrainContext(accelerator=_fake_accelerator(), model=None, task=task, cfg=None, run_dir=None)
+    base = OmegaConf.to_container(compose_config([f"objective={name}"]).objective)
+    base.update(knobs)
+    return build_objective(OmegaConf.create({"objective": base}), ctx)
+
+
+def _step(net, tok, ds):
+    """One AdamW step (lr 1e-2) on a batch of 8 training rows."""
+    batch, labels = collate(tok, ds, list(range(8)), "right")
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    net.train()
+    F.cross_entropy(net(**batch).logits.float(), labels).backward()
+    opt.step()
 
 # ---------------------------------------------------------------------------------------------
 # Gamma-hat probability clamp (NCMI reference: log of probabilities clamped at 1e-8)
@@ -70,12 +93,12 @@ def test_gamma_clamp_reproduces_the_ncmi_reference(rows, gold, gold_clamped):
 
 def test_gamma_clamp_is_off_by_default_and_checked():
     assert compose_config(["objective=cmi_min"]).objective.gamma_clamp is None
-    obj = _objective("cmi_min", _ctx(_task()))
+    obj = _objective("cmi_min")
     assert obj.gamma_clamp is None and obj.summary()["gamma_clamp"] is None
-    assert _objective("cmi_min", _ctx(_task()), gamma_clamp=1e-8).gamma_clamp == 1e-8
+    assert _objective("cmi_min", gamma_clamp=1e-8).gamma_clamp == 1e-8
     for bad in (0.0, 1.0, -1e-8):
         with pytest.raises(ConfigError, match=r"objective.gamma_clamp"):
-            _objective("cmi_min", _ctx(_task()), gamma_clamp=bad)
+            _objective("cmi_min", gamma_clamp=bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +151,10 @@ def test_full_pass_mode_eval_or_train(mode):
 def test_full_pass_mode_config():
     for name in ("cmi_min", "mcmi"):
         assert compose_config([f"objective={name}"]).objective.full_pass_mode is None  # = eval
-        assert _objective(name, _ctx(_task())).summary()["full_pass_mode"] == "eval"
-        assert _objective(name, _ctx(_task()), full_pass_mode="train").full_pass_mode == "train"
+        assert _objective(name).summary()["full_pass_mode"] == "eval"
+        assert _objective(name, full_pass_mode="train").full_pass_mode == "train"
         with pytest.raises(ConfigError, match=r"objective.full_pass_mode='dropout'; valid choices: eval, train"):
-            _objective(name, _ctx(_task()), full_pass_mode="dropout")
+            _objective(name, full_pass_mode="dropout")
 
 
 # ---------------------------------------------------------------------------------------------
