@@ -50,3 +50,14 @@ def test_a_collapsed_run_says_so_and_the_report_marks_it(cmiexp_env, output_dir)
     row = next(line for line in report.stdout.splitlines() if line.startswith("| tiny-bert / ce |"))
     assert "(n=1, 1 collapsed)" in row
     assert "tiny-bert / ce, RTE, seed 1: collapsed, the dev predictions are (nearly) all one class" in report.stdout
+
+
+def test_collapse_share_is_checked_before_training(tmp_path, cache_dir):
+    from cmiexp.errors import ConfigError
+    from cmiexp.train.runner import run_experiment
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["trainer.collapse_share=1.5", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    with pytest.raises(ConfigError, match=r"trainer.collapse_share=1.5 must be a fraction in \(0, 1\]"):
+        run_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

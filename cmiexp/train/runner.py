@@ -108,6 +108,13 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}={t[key]} must be a positive integer")
     if not (float(t.lr) > 0 and math.isfinite(float(t.lr))):
         raise ConfigError(f"trainer.lr={t.lr} must be a positive number")
+    share = t.get("collapse_share")
+    try:
+        share_ok = share is None or 0.0 < float(share) <= 1.0
+    except (TypeError, ValueError):
+        share_ok = False
+    if not share_ok:
+        raise ConfigError(f"trainer.collapse_share={share!r} must be a fraction in (0, 1]")
     if t.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")
     if str(t.resume) not in ("auto", "True", "False", "true", "false"):
@@ -326,10 +333,10 @@ class Run:
         in results.json: its metric is the majority-class rate, not a learned result."""
         from cmiexp.train.evaluate import COLLAPSE_SHARE, collapse_fields
 
-        share = float(self.cfg.trainer.get("collapse_share", COLLAPSE_SHARE))
+        share = float(self.cfg.trainer.get("collapse_share") or COLLAPSE_SHARE)
         fields = collapse_fields(best, final, getattr(self.task, "label_names", None), share)
         results.update(fields)
-        if fields.get("collapsed"):
+        if fields.get("collapsed") and self.accelerator.is_main_process:
             which = " and ".join(fields["collapsed_at"])
             hist = fields["predicted_class_histogram"][fields["collapsed_at"][0]]
             log.warning("COLLAPSED: the %s dev predictions are (nearly) all one class (%s); the model has not "
