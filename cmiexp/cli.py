@@ -77,7 +77,7 @@ def format_results_table(results: dict) -> str:
     head = (f"{results.get('task')} | {results.get('model')} | {results.get('objective')} | seed {results.get('seed')}"
             f" | status {results.get('status')}")
     lines = [head, f"{'metric':<24}{'best':>12}{'final':>12}"]
-    skip = {"num_samples"}
+    skip = {"num_samples", "pred_counts"}
     for k in [k for k in best if k not in skip] + [k for k in final if k not in best and k not in skip]:
         def fmt(v):
             return f"{v:12.4f}" if isinstance(v, (int, float)) else f"{'-':>12}"
@@ -88,6 +88,11 @@ def format_results_table(results: dict) -> str:
         sps = results.get("train_samples_per_s")
         lines.append(f"train time {results['wall_time_s']:.1f} s, {sps or 0:.1f} samples/s, "
                      f"peak memory {results.get('peak_memory_mb', 0):.0f} MB")
+    if results.get("collapsed"):
+        hist = results.get("predicted_class_histogram") or {}
+        at = (results.get("collapsed_at") or ["best"])[0]
+        lines.append(f"COLLAPSED: the {' and '.join(results.get('collapsed_at') or [])} dev predictions are (nearly) "
+                     f"one class: {hist.get(at)}")
     lines.append(f"run dir: {results.get('run_dir')}")
     width = max(len(line) for line in lines)
     return "\n".join(["=" * width, *lines, "=" * width])

@@ -230,6 +230,8 @@ class RunRecord:
     best: dict | None = None
     final: dict | None = None
     overrides: tuple[str, ...] = ()
+    collapsed: bool = False  # the run's dev predictions were (nearly) all one class (results.json)
+    collapse_note: str | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -417,7 +419,17 @@ def _read_results(path: Path, root: Path) -> RunRecord:
         best=data.get("best") if isinstance(data.get("best"), dict) else None,
         final=data.get("final") if isinstance(data.get("final"), dict) else None,
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
+        collapsed=data.get("collapsed") is True,
+        collapse_note=_collapse_note(data),
     )
+
+
+def _collapse_note(data: dict) -> str | None:
+    if data.get("collapsed") is not True:
+        return None
+    at = data.get("collapsed_at") or []
+    hist = (data.get("predicted_class_histogram") or {}).get(at[0] if at else "best")
+    return f"{' and '.join(map(str, at)) or 'dev'} predictions: {hist}" if hist else None
 
 
 def _read_missing(run_dir: Path, root: Path) -> RunRecord | None:
@@ -647,6 +659,7 @@ class Cell:
     missing: int = 0
     running: int = 0
     no_metric: int = 0
+    collapsed: int = 0  # completed runs among ``values`` whose dev predictions were one class
     reference: bool = False
 
     @property
@@ -895,6 +908,7 @@ def build_table(
     multi_exp = len(experiments_present) > 1
     methods: dict[MethodKey, dict[str, Cell]] = {}
     problems: list[Problem] = []
+    collapsed_notes: list[str] = []
     for r in placed:
         mk = _method_of(r, group_by)
         col = col_by_key[task_key(r.task)]
@@ -912,6 +926,11 @@ def build_table(
             else:
                 cell.values.append(v * col.scale)
                 cell.seeds.append(r.seed)
+                if r.collapsed:
+                    # Counted in the mean (it is a result), but marked: it is the majority-class rate.
+                    cell.collapsed += 1
+                    collapsed_notes.append(f"{label}, {col.header}, seed {r.seed}: collapsed, the dev predictions "
+                                           f"are (nearly) all one class ({r.collapse_note or 'see results.json'})")
         elif r.status in ("failed", "corrupt"):
             cell.failed += 1
             problems.append(Problem(r.status, label, col.header, r.seed, r.display_path, r.error or "no error message"))
@@ -925,6 +944,7 @@ def build_table(
         if not r.identified:
             problems.append(Problem(r.status, None, None, r.seed, r.display_path, r.error or ""))
 
+    notes.extend(sorted(collapsed_notes))
     # Several completed runs with the same seed in one cell usually mean different
     # hyperparameters were mixed (see --group-by); say so instead of averaging silently.
     for mk, cells in methods.items():
@@ -1015,6 +1035,7 @@ def _counts(cell: Cell) -> list[str]:
         (cell.missing, "missing"),
         (cell.running, "running"),
         (cell.no_metric, "without metric"),
+        (cell.collapsed, "collapsed"),
     ):
         if n:
             out.append(f"{n} {word}")

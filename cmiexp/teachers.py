@@ -52,7 +52,7 @@ FORBIDDEN_KEYS = ("task", "paths", "hydra")
 INHERITED_TRAINER_KEYS = ("progress_bar", "num_workers", "log_every", "cpu", "mixed_precision")
 #: Keys left out of the teacher hash: they name or report a run but do not change what is trained.
 HASH_EXCLUDED = ("experiment_name", "paths", "logger")
-HASH_EXCLUDED_TRAINER = ("resume", "stop_after_steps", "progress_bar", "num_workers", "log_every")
+HASH_EXCLUDED_TRAINER = ("resume", "stop_after_steps", "progress_bar", "num_workers", "log_every", "collapse_share")
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 #: A prompt-head checkpoint (cmiexp.models.heads): backbone/ + head weights + this description.
 PROMPT_HEAD_FILE = "cmiexp_head.json"

@@ -4,12 +4,15 @@
 # then print the table (cmiexp-report; also written as Markdown, CSV and LaTeX under OUT/reports/cmi_glue).
 #
 #   scripts/reproduce_cmi_glue.sh                 # the full grid (8 tasks x 2 objectives x 3 seeds = 48 runs)
-#   scripts/reproduce_cmi_glue.sh --smoke         # offline, minutes: tiny-bert, 2 local GLUE tasks, 2 seeds
+#   scripts/reproduce_cmi_glue.sh --smoke         # offline, ~2 minutes: tiny-bert, 2 local GLUE tasks, 2 seeds
+#   scripts/reproduce_cmi_glue.sh --mini          # offline mini reproduction (README): tiny-bert, SST-2, MRPC,
+#                                                 # RTE, CoLA x 3 seeds, 2000 rows, 3 epochs; + dev CMI table
 #
 # Options:
-#   --smoke           tiny model, ../shared/data/glue, small subsets, one short epoch (same configs end to end)
+#   --smoke           tiny model, ../shared/data/glue, small subsets, 3 short epochs (same configs end to end)
+#   --mini            as --smoke with larger subsets and 4 tasks x 3 seeds (out: outputs/mini)
 #   --out DIR         output folder (default: $CMIEXP_OUTPUT_DIR, else outputs/; outputs/smoke with --smoke)
-#   --tasks LIST      comma-separated GLUE tasks (default: cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli; smoke: mrpc,rte)
+#   --tasks LIST      comma-separated GLUE tasks (default: cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli; smoke: sst2,rte)
 #   --seeds LIST      comma-separated seeds (default: 1,2,3; smoke: 1,2)
 #   --dry-run         print the commands instead of running them
 #   -- OVERRIDES...   extra Hydra overrides for every run (e.g. -- trainer.mixed_precision=bf16)
@@ -20,17 +23,18 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-smoke=0 dry=0 out="" tasks="" seeds=""
+smoke=0 mini=0 dry=0 out="" tasks="" seeds=""
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1 ;;
+    --mini) smoke=1 mini=1 ;;
     --dry-run) dry=1 ;;
     --out) out="$2"; shift ;;
     --tasks) tasks="$2"; shift ;;
     --seeds) seeds="$2"; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "reproduce_cmi_glue.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -39,13 +43,24 @@ done
 read -r -a CMIEXP_CMD <<< "${CMIEXP:-cmiexp}"
 read -r -a REPORT_CMD <<< "${CMIEXP_REPORT:-cmiexp-report}"
 overrides=()
-if [[ $smoke == 1 ]]; then
+report_extra=()
+if [[ $mini == 1 ]]; then
+  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/mini}"
+  tasks="${tasks:-sst2,mrpc,rte,cola}"
+  seeds="${seeds:-1,2,3}"
+  glue_dir="${GLUE_DIR:-$repo/../shared/data/glue}"
+  overrides+=(model=tiny-bert "task.data_dir=$glue_dir" task.max_train_samples=2000 task.max_eval_samples=400
+              task.max_length=64 trainer.epochs=3 trainer.progress_bar=false)
+  report_extra=(--extra-metric cmi)
+elif [[ $smoke == 1 ]]; then
   out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/smoke}"
-  tasks="${tasks:-mrpc,rte}"
+  tasks="${tasks:-sst2,rte}"
   seeds="${seeds:-1,2}"
   glue_dir="${GLUE_DIR:-$repo/../shared/data/glue}"
-  overrides+=(model=tiny-bert "task.data_dir=$glue_dir" task.max_train_samples=64 task.max_eval_samples=32
-              task.max_length=64 trainer.epochs=1 trainer.progress_bar=false)
+  # Big enough for a randomly initialised tiny-bert (at its own lr, model.lr) to learn something: with
+  # fewer steps every run predicts one class (reported as collapsed) and every delta is 0.
+  overrides+=(model=tiny-bert "task.data_dir=$glue_dir" task.max_train_samples=1000 task.max_eval_samples=200
+              task.max_length=48 trainer.epochs=3 trainer.progress_bar=false)
 else
   out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}}"
   tasks="${tasks:-cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli}"
@@ -57,7 +72,7 @@ task_list="$(echo "$tasks" | sed -E 's#(^|,)#\1glue/#g')"
 
 sweep=("${CMIEXP_CMD[@]}" -m experiment=cmi_glue "task=$task_list" objective=ce,cmi_min "seed=$seeds"
        "paths.output_dir=$out" "${overrides[@]}" "${extra[@]}")
-report=("${REPORT_CMD[@]}" "$out/runs/cmi_glue" --experiment cmi_glue --out "$out/reports/cmi_glue")
+report=("${REPORT_CMD[@]}" "$out/runs/cmi_glue" --experiment cmi_glue --out "$out/reports/cmi_glue" "${report_extra[@]}")
 
 if [[ $dry == 1 ]]; then
   printf '%q ' "${sweep[@]}"; echo

@@ -6,11 +6,16 @@
 #
 #   scripts/reproduce_mcmi_kd.sh                  # full: 8 tasks x 2 teachers (trained once each) x 3 student seeds
 #   scripts/reproduce_mcmi_kd.sh --smoke          # offline, minutes: tiny-bert teachers, tiny-distilbert students
+#   scripts/reproduce_mcmi_kd.sh --mini           # offline mini reproduction (README): SST-2, 3000 rows, CE and MCMI
+#                                                 # tiny-bert teachers -> 3 tiny-distilbert student seeds each; + dev CMI
 #
 # Every teacher is trained on demand by the first student that needs it, into OUT/teachers/<task>/<model>/
-# <objective>/<hash of its config>, and reused by the other seeds and by later invocations.
+# <objective>/<hash of its config>, and reused by the other seeds and by later invocations. The chain is
+# the reference's: CE teacher -> MCMI teacher (one epoch of CE - lam*KL fine-tuning *of that CE teacher*,
+# objective.start=ce, Q_y from the trained CE model) -> KD students of each.
 # Options:
 #   --smoke           tiny models, ../shared/data/glue, small subsets, one short epoch (same configs end to end)
+#   --mini            tiny models, larger subsets (2 epochs; teachers 2 CE epochs + 1 MCMI epoch; out: outputs/mini)
 #   --out DIR         output folder (default: $CMIEXP_OUTPUT_DIR, else outputs/; outputs/smoke with --smoke)
 #   --tasks LIST      comma-separated GLUE tasks (default: cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli; smoke: mrpc,rte)
 #   --seeds LIST      comma-separated student seeds (default: 1,2,3; smoke: 1,2)
@@ -23,17 +28,18 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-smoke=0 dry=0 out="" tasks="" seeds=""
+smoke=0 mini=0 dry=0 out="" tasks="" seeds=""
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1 ;;
+    --mini) mini=1 ;;
     --dry-run) dry=1 ;;
     --out) out="$2"; shift ;;
     --tasks) tasks="$2"; shift ;;
     --seeds) seeds="$2"; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "reproduce_mcmi_kd.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -42,7 +48,17 @@ done
 read -r -a CMIEXP_CMD <<< "${CMIEXP:-cmiexp}"
 read -r -a REPORT_CMD <<< "${CMIEXP_REPORT:-cmiexp-report}"
 overrides=()
-if [[ $smoke == 1 ]]; then
+report_extra=()
+if [[ $mini == 1 ]]; then
+  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/mini}"
+  tasks="${tasks:-sst2}"
+  seeds="${seeds:-1,2,3}"
+  glue_dir="${GLUE_DIR:-$repo/../shared/data/glue}"
+  overrides+=(model=tiny-distilbert objective.teacher_config.model=tiny-bert objective.teacher_config.trainer.epochs=2
+              "task.data_dir=$glue_dir" task.max_train_samples=3000 task.max_eval_samples=400 task.max_length=64
+              trainer.epochs=2 trainer.progress_bar=false)
+  report_extra=(--extra-metric cmi)
+elif [[ $smoke == 1 ]]; then
   out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/smoke}"
   tasks="${tasks:-mrpc,rte}"
   seeds="${seeds:-1,2}"
@@ -63,7 +79,8 @@ task_list="$(echo "$tasks" | sed -E 's#(^|,)#\1glue/#g')"
 sweep=("${CMIEXP_CMD[@]}" -m experiment=mcmi_kd "task=$task_list" objective.teacher_config.objective=ce,mcmi
        "seed=$seeds" "paths.output_dir=$out" "${overrides[@]}" "${extra[@]}")
 # Students (runs/mcmi_kd) and their teachers (teachers/, experiment mcmi_kd) in one table.
-report=("${REPORT_CMD[@]}" "$out/runs/mcmi_kd" "$out/teachers" --experiment mcmi_kd --out "$out/reports/mcmi_kd")
+report=("${REPORT_CMD[@]}" "$out/runs/mcmi_kd" "$out/teachers" --experiment mcmi_kd --out "$out/reports/mcmi_kd"
+        "${report_extra[@]}")
 
 if [[ $dry == 1 ]]; then
   printf '%q ' "${sweep[@]}"; echo

@@ -370,7 +370,9 @@ def test_full_pass_schedule_and_state_round_trip():
 EFFECT = ["task.num_train=1200", "task.num_eval=200", "trainer.epochs=2", "trainer.batch_size=16", "seed=1",
           "trainer.progress_bar=false"]
 EFFECT_OBJECTIVES = {"ce": ["objective=ce"], "cmi_min": ["objective=cmi_min", "objective.lam=2.0"],
-                     "mcmi": ["objective=mcmi", "objective.lam=1.0"]}
+                     # start=pretrained: the loss on an untrained head, at the same steps as ce (the
+                     # default start=ce fine-tunes a trained CE model: tests/test_init_from.py).
+                     "mcmi": ["objective=mcmi", "objective.lam=1.0", "objective.start=pretrained"]}
 
 
 def _run(overrides, out: Path, cache: Path, run_dir: Path):
@@ -431,21 +433,23 @@ def _objective_state(run_dir: Path) -> dict:
 def test_resume_restores_centroids(objective, passes_total, passes_after_resume, tmp_path, cache_dir):
     # 48 examples / batch 16 = 3 steps per epoch, 6 in all; the first attempt stops mid-epoch 0.
     run_dir = tmp_path / "run"
-    first = _run([*RESUME, f"objective={objective}", "trainer.stop_after_steps=2"], tmp_path, cache_dir, run_dir)
+    # objective.start=pretrained: resuming the MCMI stage itself (its CE start is another run).
+    RESUME_O = [*RESUME, *(["objective.start=pretrained"] if objective == "mcmi" else [])]
+    first = _run([*RESUME_O, f"objective={objective}", "trainer.stop_after_steps=2"], tmp_path, cache_dir, run_dir)
     assert first["status"] == "interrupted" and first["global_step"] == 2
     saved = _objective_state(run_dir)
     assert int(saved["centroid_passes"]) == 1 and int(saved["centroid_epoch"]) == 0
     assert int(saved["centroids.initialized"]) == 1 and saved["centroids.centroids"].shape == (3, 3)
     np.testing.assert_allclose(saved["centroids.centroids"].sum(1).numpy(), 1.0, atol=1e-5)
 
-    res = _run([*RESUME, f"objective={objective}"], tmp_path, cache_dir, run_dir)
+    res = _run([*RESUME_O, f"objective={objective}"], tmp_path, cache_dir, run_dir)
     assert res["status"] == "completed" and res["global_step"] == 6
     summary = res["objective_summary"]
     assert summary["centroid_passes"] == passes_total
     assert summary["centroid_passes_this_session"] == passes_after_resume
     final = _objective_state(run_dir)
     # The same run without the interruption ends with the same centroids and metrics.
-    straight = _run([*RESUME, f"objective={objective}"], tmp_path, cache_dir, tmp_path / "straight")
+    straight = _run([*RESUME_O, f"objective={objective}"], tmp_path, cache_dir, tmp_path / "straight")
     assert straight["objective_summary"]["centroid_passes"] == passes_total
     torch.testing.assert_close(_objective_state(tmp_path / "straight")["centroids.centroids"],
                                final["centroids.centroids"], rtol=0, atol=1e-6)
@@ -487,15 +491,29 @@ def test_experiment_overlays_compose_for_the_whole_grid(experiment, name, object
     assert default_objective == ("mcmi" if experiment == "mcmi_kd_teachers" else "ce")
 
 
+@pytest.mark.parametrize("experiment", ["cmi_glue", "mcmi_kd_teachers", "mcmi_kd"])
+@pytest.mark.parametrize("model,lr", [("tiny-bert", 1e-3), ("tiny-distilbert", 1e-3),
+                                      ("bert-base-uncased", 2e-5), ("distilbert-base-uncased", 5e-5)])
+def test_experiment_overlays_keep_the_models_learning_rate(experiment, model, lr):
+    """An overlay sets the recipe, not the lr: trainer.lr stays the named model's own (issue 14, item 2)."""
+    cfg = compose_config([f"experiment={experiment}", f"model={model}"])
+    assert cfg.trainer.lr == lr and cfg.model.name == model
+
+
 @pytest.mark.slow
 def test_mcmi_teacher_experiment_runs_from_the_command_line(cmiexp_env, output_dir):
     env = dict(cmiexp_env, OMP_NUM_THREADS="1")
-    run_cli(["experiment=mcmi_kd_teachers", "task=glue/rte", f"task.data_dir={GLUE_DIR}", "model=tiny-bert",
-             "task.max_train_samples=64", "task.max_eval_samples=32", "trainer.max_steps=2",
-             "trainer.progress_bar=false"], env)
-    (run_dir,) = find_run_dirs(output_dir)
+    proc = run_cli(["experiment=mcmi_kd_teachers", "task=glue/rte", f"task.data_dir={GLUE_DIR}", "model=tiny-bert",
+                    "task.max_train_samples=64", "task.max_eval_samples=32", "trainer.max_steps=2",
+                    "trainer.progress_bar=false"], env)
+    # The chain: a CE run with the same settings (2 steps) first, in the teachers folder, then 1 epoch of MCMI.
+    run_dir, start = find_run_dirs(output_dir)
+    assert start.relative_to(output_dir).parts[:5] == ("teachers", "glue", "rte", "tiny-bert", "ce")
+    assert f"training it first (objective=ce, this run's settings) into {start}" in proc.stdout
+    assert json.loads((start / "results.json").read_text())["global_step"] == 2
     assert run_dir.relative_to(output_dir).parts[:6] == ("runs", "mcmi_kd", "glue", "rte", "tiny-bert", "mcmi")
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "completed" and res["experiment"] == "mcmi_kd" and res["objective"] == "mcmi"
+    assert res["init_from"] == str(start) and res["global_step"] == 2  # finetune_epochs=1: 64 rows / batch 32
     assert res["objective_summary"]["lam"] == 0.15 and res["objective_summary"]["centroid_passes"] == 1
     assert math.isfinite(res["final"]["metrics"]["cmi"])

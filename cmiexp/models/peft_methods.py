@@ -174,10 +174,26 @@ def rocoft_wrap(module: nn.Module, rank: int, axis: str) -> None:
     module.register_load_state_dict_pre_hook(_rocoft_load_pre_hook)
 
 
+ROCOFT_HEAD = ("full", "rocoft")
+ROCOFT_CONV1D = ("rocoft", "full")
+
+
 def apply_rocoft(model: nn.Module, rank: int = 3, axis: str = "column", targets="all-linear",
-                 train_bias: bool = False) -> nn.Module:
+                 train_bias: bool = False, head: str = "full", conv1d: str = "rocoft") -> nn.Module:
+    """RoCoFT on the backbone's linear layers. Parity switches (our choice first):
+
+    * ``head``: ``full`` trains the whole prediction head; ``rocoft`` restricts the head's linear
+      layers to the same ``rank`` rows/columns, as the authors' code does (their biases follow
+      ``train_bias``; other head parameters stay trainable).
+    * ``conv1d``: ``rocoft`` treats GPT-2's ``Conv1D`` like ``nn.Linear``; ``full`` leaves those
+      layers (weight and bias) fully trainable, as the authors' code does (it replaces only ``nn.Linear``).
+    """
     if axis not in ROCOFT_AXES:
         raise ConfigError(f"peft.axis={axis!r}; valid choices: {', '.join(ROCOFT_AXES)}")
+    if head not in ROCOFT_HEAD:
+        raise ConfigError(f"peft.head={head!r}; valid choices: {', '.join(ROCOFT_HEAD)}")
+    if conv1d not in ROCOFT_CONV1D:
+        raise ConfigError(f"peft.conv1d={conv1d!r}; valid choices: {', '.join(ROCOFT_CONV1D)}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"peft.rank={rank!r} must be a positive integer")
     prefix = backbone_prefix(model)
@@ -190,12 +206,29 @@ def apply_rocoft(model: nn.Module, rank: int = 3, axis: str = "column", targets=
     for n, p in model.named_parameters():
         if n.startswith(prefix):
             p.requires_grad_(False)
+    conv1d_type = _conv1d_type()
+    wrapped, full = [], []
     for name in chosen:
         mod = linears[name]
+        if conv1d == "full" and conv1d_type is not None and isinstance(mod, conv1d_type):
+            mod.requires_grad_(True)  # the authors' code never touches Conv1D: fully trainable
+            full.append(name)
+            continue
         rocoft_wrap(mod, rank, axis)
+        wrapped.append(name)
         if train_bias and getattr(mod, "bias", None) is not None:
             mod.bias.requires_grad_(True)
-    model.rocoft_info = {"rank": rank, "axis": axis, "modules": chosen, "train_bias": bool(train_bias)}
+    head_wrapped = []
+    if head == "rocoft":
+        for name, mod in [(n, m) for n, m in model.named_modules() if not n.startswith(prefix) and is_linear(m)]:
+            if not name:
+                continue
+            rocoft_wrap(mod, rank, axis)
+            head_wrapped.append(name)
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.requires_grad_(bool(train_bias))
+    model.rocoft_info = {"rank": rank, "axis": axis, "modules": wrapped + head_wrapped, "train_bias": bool(train_bias),
+                         "head": head, "conv1d": conv1d, "head_modules": head_wrapped, "full_modules": full}
     return model
 
 
@@ -301,7 +334,9 @@ def apply_peft_config(model: nn.Module, peft_cfg) -> nn.Module:
                           dropout=_cfg_get(peft_cfg, "dropout", 0.05), targets=_targets(peft_cfg))
     if name == "rocoft":
         return apply_rocoft(model, rank=_cfg_get(peft_cfg, "rank", 3), axis=str(_cfg_get(peft_cfg, "axis", "column")),
-                            targets=_targets(peft_cfg), train_bias=bool(_cfg_get(peft_cfg, "train_bias", False)))
+                            targets=_targets(peft_cfg), train_bias=bool(_cfg_get(peft_cfg, "train_bias", False)),
+                            head=str(_cfg_get(peft_cfg, "head", None) or "full"),
+                            conv1d=str(_cfg_get(peft_cfg, "conv1d", None) or "rocoft"))
     raise ConfigError(f"unknown peft.name={name!r}; valid choices: {', '.join(PEFT_METHODS)}")
 
 

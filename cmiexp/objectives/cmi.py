@@ -132,7 +132,18 @@ def conditional_mutual_information(
 # --------------------------------------------------------------------------------------------
 # Separation Gamma
 # --------------------------------------------------------------------------------------------
-def _cross_class_sum(lp: torch.Tensor, labels: torch.Tensor, num_classes: int, detach_second: bool):
+def _clamped(lp: torch.Tensor, prob_clamp: float | None) -> torch.Tensor:
+    """log(max(P, prob_clamp)) from log P (None = no clamp): the NCMI reference code takes the log of
+    probabilities clamped at 1e-8, which caps every -log P_u at 18.42 on confident outputs."""
+    if prob_clamp is None:
+        return lp
+    if not (0.0 < float(prob_clamp) < 1.0):
+        raise ValueError(f"the probability clamp must be in (0, 1), got {prob_clamp}")
+    return lp.clamp_min(math.log(float(prob_clamp)))
+
+
+def _cross_class_sum(lp: torch.Tensor, labels: torch.Tensor, num_classes: int, detach_second: bool,
+                     prob_clamp: float | None = None):
     """(sum over ordered cross-class pairs of -sum_i P_x(i) log P_u(i), number of such pairs).
 
     Uses per-class sums instead of the N x N pair matrix: with S_a = sum_{x in a} P_x and
@@ -143,7 +154,7 @@ def _cross_class_sum(lp: torch.Tensor, labels: torch.Tensor, num_classes: int, d
     """
     c = lp.shape[1]
     p = lp.exp()
-    second = lp.detach() if detach_second else lp
+    second = _clamped(lp.detach() if detach_second else lp, prob_clamp)
     S = torch.zeros(num_classes, c, dtype=lp.dtype, device=lp.device).index_add(0, labels, p)
     L = torch.zeros(num_classes, c, dtype=lp.dtype, device=lp.device).index_add(0, labels, second)
     # An enclosing autocast region would run this matmul in bf16/fp16; keep it in lp's dtype.
@@ -162,6 +173,7 @@ def separation(
     labels: torch.Tensor,
     detach_second: bool = True,
     num_classes: int | None = None,
+    prob_clamp: float | None = None,
 ) -> torch.Tensor:
     """Mini-batch Gamma-hat: mean of -sum_i P_x(i) log P_u(i) over all ordered pairs (x, u)
     in the batch with y_x != y_u. A 0-dim fp32 tensor.
@@ -170,13 +182,14 @@ def separation(
     the first argument is pushed. A batch whose samples all share one class has no
     cross-class pair: the result is then exactly 0.0 with an all-zero gradient (the sum over
     pairs is empty and the pair count is clamped to 1), i.e. the separation term drops out
-    of that step's loss. Deciding this needs no host-device sync.
+    of that step's loss. Deciding this needs no host-device sync. ``prob_clamp`` (e.g. 1e-8, the
+    NCMI reference) takes log P_u as log(max(P_u, prob_clamp)); None (our default) uses it unclamped.
     """
     lp = _to_log_probs(log_probs, from_logits=False)
     if num_classes is None:
         num_classes = lp.shape[1]
     labels = _check_labels(labels, lp.shape[0], num_classes)
-    total, pairs = _cross_class_sum(lp, labels, num_classes, detach_second)
+    total, pairs = _cross_class_sum(lp, labels, num_classes, detach_second, prob_clamp)
     return total / pairs.clamp_min(1).to(lp.dtype)
 
 
@@ -186,6 +199,7 @@ def ncmi(
     num_classes: int,
     centroids: torch.Tensor | None = None,
     from_logits: bool = False,
+    prob_clamp: float | None = None,
 ) -> torch.Tensor:
     """NCMI = CMI / Gamma of a set of outputs (Gamma over all its ordered cross-class pairs).
 
@@ -193,13 +207,15 @@ def ncmi(
     """
     lp = _to_log_probs(log_probs_or_logits, from_logits)
     cmi = conditional_mutual_information(lp, labels, num_classes, centroids)
-    total, pairs = _cross_class_sum(lp, _check_labels(labels, lp.shape[0], num_classes), num_classes, False)
+    total, pairs = _cross_class_sum(lp, _check_labels(labels, lp.shape[0], num_classes), num_classes, False,
+                                    prob_clamp)
     gamma = total / pairs.to(lp.dtype)  # 0/0 = NaN for a single-class set
     return cmi / gamma
 
 
 @torch.no_grad()
-def cmi_diagnostics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+def cmi_diagnostics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    prob_clamp: float | None = None) -> dict[str, float]:
     """CMI, Gamma and NCMI of a whole (dev) set of logits, as python floats.
 
     Centroids come from the same set; Gamma is over ALL ordered cross-class pairs of the set,
@@ -217,7 +233,7 @@ def cmi_diagnostics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
     q = empirical_centroids(lp, labels, num_classes)
     log_q = log_centroids(q, dtype=torch.float64)[labels]
     cmi = float((lp.exp() * (lp - log_q)).sum(dim=-1).mean())
-    total, pairs = _cross_class_sum(lp, labels, num_classes, detach_second=True)
+    total, pairs = _cross_class_sum(lp, labels, num_classes, detach_second=True, prob_clamp=prob_clamp)
     if float(pairs) == 0:
         return {"cmi": cmi, "gamma": 0.0, "ncmi": math.nan}
     gamma = float(total) / float(pairs)
@@ -234,7 +250,8 @@ def _parts(**vals: torch.Tensor) -> dict[str, float]:
 
 
 def cmi_min_loss(
-    logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float, beta: float
+    logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float, beta: float,
+    gamma_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CMI-constrained loss: CE + lam * mean KL(P_x || Q_y) - beta * Gamma-hat.
 
@@ -247,7 +264,7 @@ def cmi_min_loss(
     ce = F.cross_entropy(z, labels)
     lp = F.log_softmax(z, dim=-1)
     kl = kl_to_centroids(lp, labels, centroids).mean()
-    gamma = separation(lp, labels, detach_second=True)
+    gamma = separation(lp, labels, detach_second=True, prob_clamp=gamma_clamp)
     loss = ce + lam * kl - beta * gamma
     return loss, _parts(ce=ce, kl=kl, gamma=gamma)
 

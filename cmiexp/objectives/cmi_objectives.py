@@ -15,6 +15,7 @@ pad the last global batch with copies of the first samples; those copies are mas
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -24,6 +25,8 @@ from cmiexp.errors import CmiexpError, ConfigError
 from cmiexp.objectives.base import Objective, TrainContext, register_objective
 from cmiexp.objectives.centroids import MODES, CentroidEstimator
 from cmiexp.objectives.cmi import cmi_min_loss, mcmi_loss
+
+log = logging.getLogger("cmiexp")
 
 
 # --------------------------------------------------------------------------------------------
@@ -50,19 +53,28 @@ def _model_inputs(batch: dict, input_keys) -> dict:
     return {k: v for k, v in batch.items() if k in input_keys}
 
 
+#: Model mode during a centroid full pass: eval (ours: deterministic, identical on 1 and N processes)
+#: or train (the ICLRMCMI code: dropout active, so the centroids depend on the dropout draws).
+FULL_PASS_MODES = ("eval", "train")
+
+
 @torch.no_grad()
 def full_pass_centroids(
-    estimator: CentroidEstimator, model, loader, accelerator, num_examples: int, input_keys=None
+    estimator: CentroidEstimator, model, loader, accelerator, num_examples: int, input_keys=None,
+    mode: str = "eval",
 ) -> torch.Tensor:
-    """One pass of ``model`` over ``loader`` (eval mode, no grad) that recomputes the centroids.
+    """One pass of ``model`` over ``loader`` (no grad; eval mode, or train mode with
+    ``mode="train"``) that recomputes the centroids.
 
     Every process must call it (the per-class sums are all-reduced at the end). ``loader`` is
     the prepared, unshuffled training loader; ``num_examples`` the training-set size, used to
     mask the padded tail. The model's train/eval mode is restored afterwards. Returns the new
     centroids, placed on ``accelerator.device``.
     """
+    if mode not in FULL_PASS_MODES:
+        raise ValueError(f"full pass mode must be one of {', '.join(FULL_PASS_MODES)}, got {mode!r}")
     was_training = model.training
-    model.eval()
+    model.train(mode == "train")
     world, rank = int(accelerator.num_processes), int(accelerator.process_index)
     estimator.reset_accumulators()
     batch_size = None
@@ -90,6 +102,12 @@ def full_pass_centroids(
         )
     estimator.to(accelerator.device)
     return centroids
+
+
+def centroid_spread(centroids: torch.Tensor) -> float:
+    """Largest L1 distance between the centroid rows of two classes (0 = Q_y is class-independent)."""
+    c = centroids.detach().double().cpu()
+    return float(torch.cdist(c, c, p=1).max()) if c.shape[0] > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,6 +139,10 @@ class _CentroidObjective(Objective):
         if mode not in MODES:
             raise ConfigError(f"objective.centroids={mode!r}; valid choices: {', '.join(MODES)}")
         self.momentum = _number(cfg, "momentum", 0.9, self.name, 0.0, 1.0, high_open=True)
+        self.full_pass_mode = str(cfg.get("full_pass_mode") or "eval")
+        if self.full_pass_mode not in FULL_PASS_MODES:
+            raise ConfigError(f"objective.full_pass_mode={self.full_pass_mode!r}; valid choices: "
+                              f"{', '.join(FULL_PASS_MODES)}")
         self.estimator = CentroidEstimator(ctx.num_labels, mode=mode, momentum=self.momentum)
         # Full passes over the whole run (checkpointed) and in this process's lifetime; the
         # second one shows that a resume reused the saved centroids instead of recomputing them.
@@ -150,7 +172,7 @@ class _CentroidObjective(Objective):
 
         t0 = time.time()
         full_pass_centroids(self.estimator, ctx.model, ctx.full_train_loader, ctx.accelerator,
-                            ctx.num_train_examples, ctx.extra.get("input_keys"))
+                            ctx.num_train_examples, ctx.extra.get("input_keys"), mode=self.full_pass_mode)
         self.pass_seconds += time.time() - t0
         self.passes_total += 1
         self.passes_session += 1
@@ -194,6 +216,7 @@ class _CentroidObjective(Objective):
             "centroid_passes_this_session": self.passes_session,
             "centroid_pass_s": self.pass_seconds,
             "centroid_epoch": self.centroid_epoch,
+            "full_pass_mode": self.full_pass_mode,
         }
 
 
@@ -206,16 +229,22 @@ class CmiMin(_CentroidObjective):
     def __init__(self, cfg: Any, ctx: TrainContext):
         super().__init__(cfg, ctx)
         self.beta = _number(cfg, "beta", 0.0, self.name)
+        clamp = cfg.get("gamma_clamp")
+        self.gamma_clamp = None if clamp is None else _number(cfg, "gamma_clamp", 0.0, self.name, 0.0, 1.0,
+                                                               high_open=True)
+        if self.gamma_clamp == 0.0:
+            raise ConfigError(f"objective.gamma_clamp=0 must be in (0, 1) or null (objective={self.name})")
 
     def loss(self, batch, outputs, ctx):
         labels = batch["labels"]
-        loss, parts = cmi_min_loss(outputs.logits, labels, self._centroids(outputs.logits.device), self.lam, self.beta)
+        loss, parts = cmi_min_loss(outputs.logits, labels, self._centroids(outputs.logits.device), self.lam, self.beta,
+                                   gamma_clamp=self.gamma_clamp)
         self._ema(outputs.logits, labels, ctx)
         return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"], "gamma": parts["gamma"],
                       "beta_gamma": self.beta * parts["gamma"]}
 
     def summary(self) -> dict:
-        return {"objective": self.name, "beta": self.beta, **super().summary()}
+        return {"objective": self.name, "beta": self.beta, "gamma_clamp": self.gamma_clamp, **super().summary()}
 
 
 @register_objective("mcmi")
@@ -223,6 +252,20 @@ class MaxCmiTeacher(_CentroidObjective):
     """CE - lam * KL(P_x || Q_y) with centroids from the starting model (Ye et al., ICLR 2024)."""
 
     default_mode = "fixed"
+    #: Below this spread (max L1 distance between two classes' centroids) Q_y carries no class
+    #: information: the starting model has not learned the task (e.g. an untrained head).
+    MIN_SPREAD = 0.02
+
+    def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        computed = self._needs_pass(epoch)
+        super().on_epoch_start(ctx, epoch)
+        if computed:
+            spread = centroid_spread(self.estimator.centroids)
+            if spread < self.MIN_SPREAD:
+                log.warning("objective=mcmi: the class centroids Q_y are (nearly) the same for every class "
+                            "(spread %.4f): the starting model has not learned the task, so the KL term carries "
+                            "no class information; start from a trained model (objective.start=ce or "
+                            "trainer.init_from=PATH)", spread)
 
     def loss(self, batch, outputs, ctx):
         labels = batch["labels"]
@@ -231,4 +274,6 @@ class MaxCmiTeacher(_CentroidObjective):
         return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"]}
 
     def summary(self) -> dict:
-        return {"objective": self.name, **super().summary()}
+        c = self.estimator.centroids.detach().float().cpu()
+        return {"objective": self.name, **super().summary(), "centroid_spread": centroid_spread(c),
+                "centroid_rows": c.tolist() if c.shape[0] <= 10 else None}

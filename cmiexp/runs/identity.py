@@ -30,10 +30,11 @@ IDENTITY_EXCLUDED_KEYS = (
     "trainer.log_every",
     "trainer.save_every",         # resume is exact whatever the checkpoint cadence
     "trainer.checkpoint_retention",
+    "trainer.collapse_share",     # only the threshold of the collapse warning
 )
 # Keys whose values are file-system paths: a relative path that exists is made absolute, so the
 # same folder spelled two ways is one identity.
-PATH_KEYS = ("data_dir", "name_or_path", "teacher", "source", "compare")
+PATH_KEYS = ("data_dir", "name_or_path", "teacher", "source", "compare", "init_from")
 IDENTITY_VERSION = 1
 HASH_LEN = 8
 

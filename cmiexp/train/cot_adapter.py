@@ -122,6 +122,7 @@ class CotAdapter:
         from cmiexp.data import load_task
         from cmiexp.models.factory import default_cache_dir, load_model, load_tokenizer, resolve_model_path
         from cmiexp.objectives.cot import cot_data_spec
+        from cmiexp.train.init_from import load_init_weights, resolve_init
 
         cfg, acc = run.cfg, run.accelerator
         family = cfg.model.get("family")
@@ -147,7 +148,8 @@ class CotAdapter:
             if task.train is None or len(task.train) == 0:
                 raise DataError(f"task={task.name} has no training data (task.data_dir={cfg.task.get('data_dir')})")
             path = resolve_model_path(cfg.model, task, cache_dir)
-            tokenizer = load_tokenizer(path, cfg.model)
+            init = resolve_init(cfg, task, kind="seq2seq")  # trainer.init_from, checked before training
+            tokenizer = load_tokenizer(str(init.checkpoint_dir) if init else path, cfg.model)
         for alias in ("valid", "test"):
             if len(getattr(task, alias)) == 0:
                 raise DataError(f"task={task.name} split {alias!r} is empty")
@@ -166,6 +168,8 @@ class CotAdapter:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.seed))
             model = load_model(path, cfg.model, task, kind="seq2seq", tokenizer=tokenizer)
+        if init is not None:
+            load_init_weights(model, init, lambda d: load_model(d, cfg.model, task, kind="seq2seq"))
         run.task, run.tokenizer, run.model_path = task, tokenizer, path
         run.train_ds = train
         run.eval_ds = {"valid": evals["valid"]}  # model selection: valid only, never test

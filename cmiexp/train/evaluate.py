@@ -43,7 +43,10 @@ def metrics_from_predictions(pred: dict[str, torch.Tensor], task) -> dict[str, f
         out.update(compute_metrics(task.metrics, preds.numpy(), labels.numpy()))
         return out
     out["loss"] = float(F.cross_entropy(logits, labels.long()))
-    out.update(compute_metrics(task.metrics, logits.argmax(-1).numpy(), labels.numpy()))
+    preds = logits.argmax(-1)
+    out.update(compute_metrics(task.metrics, preds.numpy(), labels.numpy()))
+    # Predicted-class histogram (in label order): a run predicting one class is detected from it.
+    out["pred_counts"] = [int(c) for c in torch.bincount(preds.long(), minlength=int(task.num_labels)).tolist()]
     out.update(cmi_diagnostics_safe(logits, labels, task.num_labels))
     return out
 
@@ -66,3 +69,34 @@ def evaluate(model, loaders: dict, accelerator, task, input_keys: set[str]) -> d
         prefix = "" if i == 0 else f"{alias}_"
         out.update({f"{prefix}{k}": v for k, v in m.items()})
     return out
+
+
+#: Default for trainer.collapse_share: a dev split on which at least this fraction of the predictions
+#: falls into one class counts as collapsed (a majority-class predictor).
+COLLAPSE_SHARE = 0.95
+
+
+def collapse_check(metrics: dict | None, label_names, share: float = COLLAPSE_SHARE) -> dict | None:
+    """Whether the predictions behind ``metrics`` (a dev evaluation with ``pred_counts``) are (nearly)
+    all one class. None when the metrics hold no histogram (regression, generation tasks)."""
+    counts = (metrics or {}).get("pred_counts")
+    if not isinstance(counts, list) or not counts or sum(counts) <= 0:
+        return None
+    total = sum(counts)
+    top = max(range(len(counts)), key=lambda i: counts[i])
+    names = list(label_names) if label_names and len(label_names) == len(counts) else [str(i) for i in range(len(counts))]
+    return {"collapsed": counts[top] / total >= share, "majority_class": names[top],
+            "majority_share": counts[top] / total, "histogram": dict(zip(names, counts))}
+
+
+def collapse_fields(best: dict | None, final: dict | None, label_names, share: float = COLLAPSE_SHARE) -> dict:
+    """results.json fields: ``collapsed`` (the best or the final dev predictions are one class),
+    ``collapsed_at`` (which of the two) and the ``predicted_class_histogram`` of each."""
+    checks = {k: c for k, c in (("best", collapse_check(best, label_names, share)),
+                                ("final", collapse_check(final, label_names, share))) if c is not None}
+    if not checks:
+        return {}
+    return {"collapsed": any(c["collapsed"] for c in checks.values()),
+            "collapsed_at": [k for k, c in checks.items() if c["collapsed"]],
+            "predicted_class_histogram": {k: c["histogram"] for k, c in checks.items()},
+            "collapse_share": share}

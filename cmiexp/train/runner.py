@@ -144,6 +144,13 @@ def check_config(cfg: DictConfig) -> None:
     retention = t.get("checkpoint_retention", "weights")
     if retention not in RETENTION_CHOICES:
         raise ConfigError(f"trainer.checkpoint_retention={retention!r}; valid choices: {', '.join(RETENTION_CHOICES)}")
+    share = t.get("collapse_share")
+    try:
+        share_ok = share is None or 0.0 < float(share) <= 1.0
+    except (TypeError, ValueError):
+        share_ok = False
+    if not share_ok:
+        raise ConfigError(f"trainer.collapse_share={share!r} must be a fraction in (0, 1]")
     if t.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")
     if str(t.resume) not in ("auto", "True", "False", "true", "false"):
@@ -243,7 +250,8 @@ class ClassificationAdapter:
         from cmiexp.data.tokenize import tokenize_split
         from cmiexp.models.factory import default_cache_dir, load_tokenizer, resolve_model_path
         from cmiexp.data.targets import normalize_task_targets
-        from cmiexp.models.heads import apply_peft, build_classifier, input_suffix
+        from cmiexp.models.heads import apply_peft, build_classifier, input_suffix, load_classifier
+        from cmiexp.train.init_from import load_init_weights, resolve_init
 
         cfg, acc = run.cfg, run.accelerator
         cache_dir = default_cache_dir(cfg.paths)
@@ -257,7 +265,9 @@ class ClassificationAdapter:
             if not task.eval_splits:
                 raise DataError(f"task={task.name} has no labelled dev split to evaluate on")
             path = resolve_model_path(cfg.model, task, cache_dir)
-            tokenizer = load_tokenizer(path, cfg.model)
+            init = resolve_init(cfg, task)  # trainer.init_from: checked before anything is trained
+            # A run started from a checkpoint reads text through that checkpoint's own tokenizer.
+            tokenizer = load_tokenizer(str(init.checkpoint_dir) if init else path, cfg.model)
             max_len = int(cfg.task.get("max_length", 128))
             suffix = input_suffix(cfg, tokenizer)  # head=masking/generation: prompt appended to every input
             train = tokenize_split(task.train, task, tokenizer, max_len, cache_dir, "train", suffix=suffix)
@@ -269,7 +279,10 @@ class ClassificationAdapter:
         with torch.random.fork_rng(devices=[]):
             # The head's initialisation depends on the run seed only, not on what ran before.
             torch.manual_seed(int(cfg.seed))
-            model = apply_peft(build_classifier(path, cfg, task, tokenizer), cfg)
+            model = build_classifier(path, cfg, task, tokenizer)
+            if init is not None:
+                load_init_weights(model, init, load_classifier)
+            model = apply_peft(model, cfg)
         run.task, run.tokenizer, run.model_path = task, tokenizer, path
         run.train_ds, run.eval_ds = train, evals
         run.model = model
@@ -376,8 +389,24 @@ class Run:
             "peft": (cfg.get("peft") or {}).get("name", "none"),
             "primary_metric": getattr(getattr(self, "task", None), "primary_metric", cfg.task.get("primary_metric")),
             "overrides": overrides,
+            "init_from": cfg.trainer.get("init_from"),
             "run_dir": str(self.run_dir.resolve()),
         }
+
+    def _check_collapse(self, results: dict, best: dict, final: dict) -> None:
+        """Flag a classifier whose dev predictions are (nearly) all one class, on the console and
+        in results.json: its metric is the majority-class rate, not a learned result."""
+        from cmiexp.train.evaluate import COLLAPSE_SHARE, collapse_fields
+
+        share = float(self.cfg.trainer.get("collapse_share") or COLLAPSE_SHARE)
+        fields = collapse_fields(best, final, getattr(self.task, "label_names", None), share)
+        results.update(fields)
+        if fields.get("collapsed") and self.accelerator.is_main_process:
+            which = " and ".join(fields["collapsed_at"])
+            hist = fields["predicted_class_histogram"][fields["collapsed_at"][0]]
+            log.warning("COLLAPSED: the %s dev predictions are (nearly) all one class (%s); the model has not "
+                        "learned task=%s: check trainer.lr (now %g), train longer or on more data", which,
+                        ", ".join(f"{k}: {v}" for k, v in hist.items()), self.task.name, float(self.cfg.trainer.lr))
 
     def _write_results(self, results: dict):
         if self.accelerator.is_main_process:
@@ -628,6 +657,7 @@ class Run:
             mixed_precision=acc.mixed_precision,
         )
         results.update(objective_summary=getattr(objective, "summary", lambda: {})())
+        self._check_collapse(results, state.best_metrics, last_metrics)
         self._write_results(results)
         if acc.is_main_process:
             apply_retention(self.run_dir, str(t.get("checkpoint_retention", "weights")))
@@ -681,4 +711,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, on_claim) -> dict:
         if on_claim is not None and not (prior and prior.get("status") == "completed"):
             on_claim()
         return run_probe(cfg, run_dir)
+    from cmiexp.train.init_from import prepare_start
+
+    # objective.start=ce (objective=mcmi): train or reuse the CE model this run fine-tunes.
+    cfg = prepare_start(cfg, Path(run_dir))
     return Run(cfg, run_dir, on_claim).execute()

@@ -1,0 +1,314 @@
+"""Start a run from a finished run's weights (``trainer.init_from``), and the CE starting model
+that ``objective=mcmi`` fine-tunes by default (``objective.start=ce``).
+
+``trainer.init_from=<run dir | checkpoint folder>`` loads the weights of that checkpoint (model and
+head) into this run's freshly built model before PEFT is applied, and tokenises with the
+checkpoint's own tokenizer (the one its weights were trained with). The checkpoint must fit: the
+same task, labels, model, head kind, and a full (``peft=none``) model; every mismatch is a one-line
+``ConfigError`` naming ``trainer.init_from``, raised before any training.
+
+``objective.start=ce`` (the MCMI reference recipe: train with CE, compute Q_y from the trained
+model, then fine-tune with CE - lam * KL for a short schedule): unless ``trainer.init_from`` is set,
+the run first trains, or reuses, a CE model with its own settings (``objective`` replaced by
+``ce``, plus ``objective.start_config``) in ``paths.teachers_dir/<task>/<model>/ce/<hash12>``, the
+same content-hashed folder a KD teacher with that config gets, so a CE KD teacher and the MCMI
+teacher's starting model are one run. It trains in a separate ``python -m cmiexp.train.init_from``
+process (no shared RNG, Accelerate or Hydra state with this one), serialised by a file lock;
+then this run's ``trainer.init_from`` points at it and its length becomes
+``objective.finetune_epochs`` / ``objective.finetune_max_steps``.
+
+Command line (used by the above; runs one resolved config into a run directory)::
+
+    python -m cmiexp.train.init_from CONFIG.yaml RUN_DIR
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cmiexp.errors import CmiexpError, ConfigError
+
+log = logging.getLogger("cmiexp")
+
+KEY = "trainer.init_from"
+START_CHOICES = ("ce", "pretrained")
+#: Keys ``objective.start_config`` may not set: the CE starting model is trained on this run's task,
+#: data, model and paths with objective=ce (anything else could not be fine-tuned by this run).
+START_FORBIDDEN = ("task", "paths", "model", "objective", "head", "peft", "hydra")
+START_CONFIG_FILE = "start_config.yaml"
+#: Environment of a distributed launch: the CE child trains as one plain process.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+# ---------------------------------------------------------------------------------------------
+# trainer.init_from: resolve, check, load
+# ---------------------------------------------------------------------------------------------
+def resolve_init(cfg: DictConfig, task, kind: str = "classification"):
+    """The checkpoint named by ``trainer.init_from`` (a ``cmiexp.teachers.TeacherInfo``), checked
+    against this run; None when the key is unset."""
+    path = (cfg.get("trainer") or {}).get("init_from")
+    if path in (None, "", "null"):
+        return None
+    from cmiexp.teachers import load_teacher_info
+
+    info = load_teacher_info(str(path), key=KEY)
+    check_init_compatible(info, cfg, task, kind)
+    return info
+
+
+def check_init_compatible(info, cfg: DictConfig, task, kind: str = "classification") -> None:
+    """Refuse a checkpoint this run cannot start from (one-line ConfigError naming the key)."""
+    from cmiexp.models.heads import head_name
+
+    where = info.run_dir or info.checkpoint_dir
+    fix = "point trainer.init_from at a run of this task and model (or unset it)"
+    if info.task and info.task != task.name:
+        raise ConfigError(f"{KEY}: {where} was trained on task={info.task}, but this run is task={task.name}; {fix}")
+    run_cfg = info.run_config or {}
+    if info.run_dir is not None and info.model and info.model != cfg.model.name:
+        raise ConfigError(f"{KEY}: {where} was trained with model={info.model}, but this run uses "
+                          f"model={cfg.model.name}; {fix}")
+    peft = (run_cfg.get("peft") or {}).get("name", "none") if isinstance(run_cfg.get("peft"), Mapping) else "none"
+    if peft != "none":
+        raise ConfigError(f"{KEY}: {where} was trained with peft={peft}; starting from it needs a fully "
+                          "fine-tuned model (peft=none)")
+    if kind != "classification":
+        return
+    mine = head_name(cfg)
+    if info.head != mine:
+        raise ConfigError(f"{KEY}: {where} has a head={info.head} model, but this run uses head={mine}; {fix}")
+    if info.is_regression != bool(task.is_regression):
+        what = "regression" if info.is_regression else "classification"
+        raise ConfigError(f"{KEY}: {where} is a {what} model, but task={task.name} is not; {fix}")
+    if info.num_labels != task.num_labels:
+        raise ConfigError(f"{KEY}: {where} has {info.num_labels} output labels, but task={task.name} has "
+                          f"{task.num_labels}; {fix}")
+    if info.label_names and not info.is_regression and list(task.label_names) != info.label_names:
+        raise ConfigError(f"{KEY}: {where} predicts labels {info.label_names}, but task={task.name} has labels "
+                          f"{list(task.label_names)}; {fix}")
+
+
+def load_init_weights(model, info, load) -> None:
+    """Copy every weight of the checkpoint into ``model`` (strict: the same parameter names and
+    shapes). ``load(dir)`` builds the checkpoint's model through ``from_pretrained`` (safetensors,
+    no pickles); ``model`` keeps its own config (e.g. ``model.dropout``)."""
+    try:
+        source = load(str(info.checkpoint_dir))
+    except (OSError, ValueError, CmiexpError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{KEY}: cannot load {info.checkpoint_dir}: {first}") from e
+    try:
+        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    except RuntimeError as e:  # shape mismatch
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else "")
+        raise ConfigError(f"{KEY}: {info.checkpoint_dir} does not fit model={getattr(model, 'name_or_path', '')} "
+                          f"({detail[:200]})") from e
+    if missing or unexpected:
+        names = ", ".join(list(missing)[:3] + list(unexpected)[:3])
+        raise ConfigError(f"{KEY}: {info.checkpoint_dir} does not fit this run's model "
+                          f"({len(missing)} missing and {len(unexpected)} unexpected weights, e.g. {names})")
+    del source
+    log.info("starting from the weights of %s", info.run_dir or info.checkpoint_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# objective.start=ce: the CE starting model of objective=mcmi
+# ---------------------------------------------------------------------------------------------
+def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out += _flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return [(prefix, value)]
+
+
+def start_run_config(cfg: DictConfig) -> DictConfig:
+    """The resolved config of the CE run that ``cfg`` (with ``objective.start=ce``) starts from:
+    this run's config with ``objective`` replaced by ``conf/objective/ce.yaml``, no init_from, and
+    ``objective.start_config`` applied."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cmiexp.config import CONF_DIR
+
+    extra = cfg.objective.get("start_config") or {}
+    extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else extra
+    if not isinstance(extra, Mapping):
+        raise ConfigError(f"objective.start_config must be a mapping of overrides, got {extra!r}")
+    base = OmegaConf.to_container(cfg, resolve=True)
+    base["objective"] = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "objective" / "ce.yaml"))
+    base.setdefault("trainer", {})["init_from"] = None
+    out = OmegaConf.create(base)
+    for key, value in _flatten("", extra):
+        if key.split(".")[0] in START_FORBIDDEN:
+            raise ConfigError(f"objective.start_config.{key.split('.')[0]} is not allowed: the CE starting model is trained on "
+                              "this run's task, data, model and paths with objective=ce")
+        if OmegaConf.select(out, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"objective.start_config.{key}: not a key of the run config")
+        try:
+            OmegaConf.update(out, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"objective.start_config.{key}: cannot set it ({type(e).__name__})") from e
+    return out
+
+
+def _completed(d: Path) -> bool:
+    from cmiexp.teachers import PROMPT_HEAD_FILE
+    from cmiexp.train.runner import read_results
+
+    res = read_results(d)
+    best = d / "checkpoint" / "best"
+    return bool(res and res.get("status") == "completed"
+                and ((best / "config.json").is_file() or (best / PROMPT_HEAD_FILE).is_file()))
+
+
+def _child_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("ACCELERATE_")}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def ensure_start_model(scfg: DictConfig) -> tuple[Path, str]:
+    """Train the CE run ``scfg`` into its content-hashed folder unless a completed one is there.
+    Returns (folder, "trained" | "reused")."""
+    from filelock import FileLock, Timeout
+
+    from cmiexp.io import atomic_write_json, atomic_write_text
+    from cmiexp.teachers import SPEC_FILE, hashed_content, teacher_dir
+
+    d = teacher_dir(scfg)
+    if _completed(d):
+        return d, "reused"
+    d.parent.mkdir(parents=True, exist_ok=True)
+    # The lock file KD teachers use too: a KD run training the same CE teacher in-process waits here.
+    lock = FileLock(str(d.parent / f".{d.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for %s (another process is training this CE starting model)", d)
+        lock.acquire()
+    try:
+        if _completed(d):
+            return d, "reused"
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / START_CONFIG_FILE, OmegaConf.to_yaml(scfg, resolve=True))
+        atomic_write_json(d / SPEC_FILE, {"hash": d.name, "overrides": ["objective=ce"],
+                                          "config": hashed_content(scfg)})
+        cmd = [sys.executable, "-m", "cmiexp.train.init_from", str(d / START_CONFIG_FILE), str(d)]
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=_child_env())
+        if proc.returncode != 0 or not _completed(d):
+            from cmiexp.train.runner import read_results
+
+            res = read_results(d) or {}
+            why = res.get("error") or f"exit status {proc.returncode}"
+            raise CmiexpError(f"objective.start=ce: training the CE starting model in {d} failed ({why}); "
+                              f"see {d}/cmiexp.log, fix it and re-run, or pass trainer.init_from=PATH")
+        log.info("CE starting model trained in %.1f s: %s", time.time() - t0, d)
+        return d, "trained"
+    finally:
+        lock.release()
+
+
+def _positive(cfg: DictConfig, key: str, default, allow_minus_one: bool = False):
+    raw = cfg.objective.get(key, default)
+    if raw is None:
+        return None
+    try:
+        v = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"objective.{key}={raw!r} must be an integer") from None
+    if v <= 0 and not (allow_minus_one and v == -1):
+        raise ConfigError(f"objective.{key}={raw!r} must be positive{' (or -1 = off)' if allow_minus_one else ''}")
+    return v
+
+
+def prepare_start(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """Apply ``objective.start``: return the config to run (a copy when it changes anything)."""
+    start = cfg.objective.get("start")
+    if start is None or str(start) == "pretrained":
+        return cfg
+    if str(start) not in START_CHOICES:
+        raise ConfigError(f"objective.start={start!r}; valid choices: {', '.join(START_CHOICES)}")
+    if cfg.trainer.get("init_from") not in (None, "", "null"):
+        return cfg  # an explicit starting point wins; its schedule is trainer.*
+    epochs = _positive(cfg, "finetune_epochs", 1)
+    max_steps = _positive(cfg, "finetune_max_steps", -1, allow_minus_one=True)
+    from cmiexp.train.runner import read_results
+
+    prior = read_results(run_dir)
+    if prior and prior.get("status") == "completed" and str(cfg.trainer.resume).lower() == "auto":
+        return cfg  # the run itself is done: nothing to train (the runner reports it)
+    scfg = start_run_config(cfg)
+    from cmiexp.teachers import teacher_dir
+
+    d = teacher_dir(scfg)
+    if _completed(d):
+        log.info("objective=%s fine-tunes a trained CE model (objective.start=ce): reusing %s", cfg.objective.name, d)
+    else:
+        log.info("objective=%s fine-tunes a trained CE model (objective.start=ce; trainer.init_from=PATH skips "
+                 "this): training it first (objective=ce, this run's settings) into %s", cfg.objective.name, d)
+    d, _ = ensure_start_model(scfg)
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.trainer.init_from = str(d.resolve())
+        if epochs is not None:
+            out.trainer.epochs = epochs
+        if max_steps is not None:
+            out.trainer.max_steps = max_steps
+    log.info("objective=%s: fine-tuning %s for %s", cfg.objective.name, d,
+             f"{out.trainer.max_steps} steps" if int(out.trainer.max_steps) > 0 else f"{out.trainer.epochs} epoch(s)")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m cmiexp.train.init_from CONFIG.yaml RUN_DIR
+# ---------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    config_file, run_dir = Path(argv[0]), Path(argv[1])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fmt = "[%(asctime)s][%(levelname)s] %(message)s"
+    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout)
+    fh = logging.FileHandler(run_dir / "cmiexp.log")
+    fh.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(fh)
+    from cmiexp.io import atomic_write_json
+    from cmiexp.train.runner import read_results, run_experiment
+
+    try:
+        cfg = OmegaConf.load(config_file)
+        res = run_experiment(cfg, run_dir)
+    except CmiexpError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        res = read_results(run_dir)
+        if res is not None and res.get("status") != "completed":
+            res.update(status="failed", error=msg)
+            atomic_write_json(run_dir / "results.json", res)
+        print(f"cmiexp: error: {msg}", file=sys.stderr)
+        return 1
+    if res.get("status") != "completed":
+        print(f"cmiexp: error: the run in {run_dir} stopped with status {res.get('status')!r}", file=sys.stderr)
+        return 1
+    res["overrides"] = ["objective=ce"]
+    atomic_write_json(run_dir / "results.json", res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

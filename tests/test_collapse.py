@@ -1,0 +1,63 @@
+"""Collapse detection (issue 14, item 3): a classifier predicting (nearly) one class says so on the
+console, records collapsed: true and its predicted-class histogram, and cmiexp-report marks the cell."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cmiexp.train.evaluate import collapse_check, collapse_fields
+from tests.conftest import GLUE_DIR, find_run_dirs, run_cli
+
+
+def test_collapse_check_on_hand_made_histograms():
+    c = collapse_check({"pred_counts": [31, 1]}, ["not_entailment", "entailment"])
+    assert c == {"collapsed": True, "majority_class": "not_entailment", "majority_share": 31 / 32,
+                 "histogram": {"not_entailment": 31, "entailment": 1}}
+    assert collapse_check({"pred_counts": [20, 12]}, ["a", "b"])["collapsed"] is False
+    assert collapse_check({"pred_counts": [0, 0, 40]}, None)["majority_class"] == "2"
+    assert collapse_check({"pred_counts": [30, 2]}, ["a", "b"], share=0.9)["collapsed"] is True
+    assert collapse_check({"accuracy": 0.5}, ["a", "b"]) is None  # regression / generation: no histogram
+    f = collapse_fields({"pred_counts": [10, 10]}, {"pred_counts": [0, 20]}, ["a", "b"])
+    assert f["collapsed"] is True and f["collapsed_at"] == ["final"]
+    assert f["predicted_class_histogram"] == {"best": {"a": 10, "b": 10}, "final": {"a": 0, "b": 20}}
+    assert collapse_fields(None, {"loss": 1.0}, None) == {}
+
+
+@pytest.mark.slow
+def test_a_collapsed_run_says_so_and_the_report_marks_it(cmiexp_env, output_dir):
+    # tiny-bert at BERT-base's lr 2e-5 for two steps: a randomly initialised model predicts one class.
+    env = dict(cmiexp_env, OMP_NUM_THREADS="1")
+    proc = run_cli(["task=glue/rte", f"task.data_dir={GLUE_DIR}", "task.max_train_samples=64",
+                    "task.max_eval_samples=64", "task.max_length=32", "trainer.lr=2e-5", "trainer.max_steps=2",
+                    "trainer.progress_bar=false", "seed=1"], env)
+    (run_dir,) = find_run_dirs(output_dir)
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "completed" and res["collapsed"] is True and res["collapse_share"] == 0.95
+    hist = res["predicted_class_histogram"]
+    assert set(hist) == {"best", "final"} and "best" in res["collapsed_at"]
+    assert set(hist["best"]) == {"entailment", "not_entailment"} and sum(hist["best"].values()) == 64
+    assert max(hist["best"].values()) >= 0.95 * 64
+    assert hist["best"] == dict(zip(["entailment", "not_entailment"], res["best"]["metrics"]["pred_counts"]))
+    # Its accuracy is the dev share of the predicted class, and the console says what happened.
+    assert "COLLAPSED" in proc.stdout and "trainer.lr (now 2e-05)" in proc.stdout
+    report = subprocess.run([sys.executable, "-m", "cmiexp.report", str(output_dir / "runs")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    row = next(line for line in report.stdout.splitlines() if line.startswith("| tiny-bert / ce |"))
+    assert "(n=1, 1 collapsed)" in row
+    assert "tiny-bert / ce, RTE, seed 1: collapsed, the dev predictions are (nearly) all one class" in report.stdout
+
+
+def test_collapse_share_is_checked_before_training(tmp_path, cache_dir):
+    from cmiexp.errors import ConfigError
+    from cmiexp.train.runner import run_experiment
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["trainer.collapse_share=1.5", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
+    with pytest.raises(ConfigError, match=r"trainer.collapse_share=1.5 must be a fraction in \(0, 1\]"):
+        run_experiment(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
