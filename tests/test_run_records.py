@@ -283,7 +283,7 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
 ])
 def test_config_types_and_ranges_are_checked_up_front(override, message):
     from cmiexp.errors import ConfigError
-    from cmiexp.train.runner import check_config
+    from cmiexp.train.settings import check_config
 
     check_config(compose_config([]))  # the defaults pass
     with pytest.raises(ConfigError) as e:

@@ -233,6 +233,35 @@ def _bootstrap_readout(est: str, scores: torch.Tensor, level: float, reps: int, 
 # ----------------------------------------------------------------------------- critic training
 
 
+class EarlyStopping:
+    """Model selection on validation: keeps a copy of ``module``'s state at its best score (higher
+    is better) and says when ``patience`` evaluations in a row brought no gain over ``min_gain``.
+
+    ``baseline`` is the score to beat: 0.0 for MI critics (the constant critic's exact value), so
+    ``restore()`` returns False when no trained state beat it; -inf for probes."""
+
+    def __init__(self, module: torch.nn.Module, patience: int, baseline: float, min_gain: float):
+        self.module, self.patience, self.min_gain = module, int(patience), float(min_gain)
+        self.best, self.best_step, self.bad, self.state = float(baseline), 0, 0, None
+
+    def update(self, score: float, step: int) -> bool:
+        """Record one validation score; True means stop."""
+        if score > self.best + self.min_gain:
+            self.best, self.best_step, self.bad = float(score), int(step), 0
+            self.state = copy.deepcopy(self.module.state_dict())
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self) -> bool:
+        """Load the best state into the module; False if none beat the baseline."""
+        if self.state is None:
+            return False
+        self.module.load_state_dict(self.state)
+        return True
+
+
+
 def fit_critic(est: str, x_tr, y_tr, x_val, y_val, opts: dict, seed: int, gen: torch.Generator) -> tuple:
     """Train a critic on (x_tr, y_tr) and keep the state with the best validation readout.
 
@@ -253,7 +282,8 @@ def fit_critic(est: str, x_tr, y_tr, x_val, y_val, opts: dict, seed: int, gen: t
     # The constant critic scores exactly 0 under every readout and is the baseline to beat: if no
     # trained state does better on validation, the estimate is that of the constant, 0 (MI >= 0
     # is certain), not the negative readout of a critic that found nothing.
-    best_val, best_state, best_step, bad, step = 0.0, None, 0, 0, 0
+    stopper = EarlyStopping(critic, patience, baseline=0.0, min_gain=1e-4)
+    step = 0
     for step in range(1, int(opts["steps"]) + 1):
         idx = next(stream).to(x_tr.device)
         loss = -training_objective(est, critic(x_tr[idx], y_tr[idx])[0], tau=tau, ema=ema)
@@ -265,18 +295,12 @@ def fit_critic(est: str, x_tr, y_tr, x_val, y_val, opts: dict, seed: int, gen: t
         optim.step()
         if step % every == 0 or step == int(opts["steps"]):
             val = _chunked_readout(est, critic, x_val, y_val, int(opts["eval_batch_size"]), tau)
-            if val > best_val + 1e-4:
-                best_val, best_step, bad = val, step, 0
-                best_state = copy.deepcopy(critic.state_dict())
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
-    if best_state is None:
+            if stopper.update(val, step):
+                break
+    if not stopper.restore():
         critic = ConstantCritic(1.0 if est == "nwj" else 0.0)
-    else:
-        critic.load_state_dict(best_state)
     critic.eval()
+    best_val, best_step = stopper.best, stopper.best_step
     return critic, {"steps": step, "best_step": best_step, "best_val": best_val}
 
 
@@ -476,7 +500,8 @@ def fit_probe(z_tr, y_tr, z_va, y_va, num_classes: int, *, hidden: int, lr: floa
     probe = probe.to(z_tr.device)
     optim = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
     stream = batch_stream(z_tr.shape[0], min(batch_size, z_tr.shape[0]), gen)
-    best, best_state, best_step, bad, step = math.inf, copy.deepcopy(probe.state_dict()), 0, 0, 0
+    stopper = EarlyStopping(probe, patience, baseline=-math.inf, min_gain=1e-5)  # score: -CE
+    step = 0
     for step in range(1, int(steps) + 1):
         idx = next(stream).to(z_tr.device)
         loss = F.cross_entropy(probe(z_tr[idx]), y_tr[idx])
@@ -485,16 +510,12 @@ def fit_probe(z_tr, y_tr, z_va, y_va, num_classes: int, *, hidden: int, lr: floa
         optim.step()
         if step % eval_every == 0 or step == int(steps):
             with torch.no_grad():
-                val = float(F.cross_entropy(probe(z_va), y_va))
-            if val < best - 1e-5:
-                best, best_step, bad = val, step, 0
-                best_state = copy.deepcopy(probe.state_dict())
-            else:
-                bad += 1
-                if bad >= patience:
-                    break
-    probe.load_state_dict(best_state)
+                val = -float(F.cross_entropy(probe(z_va), y_va))
+            if stopper.update(val, step):
+                break
+    stopper.restore()
     probe.eval()
+    best, best_step = -stopper.best, stopper.best_step
     return probe, {"steps": step, "best_step": best_step, "best_val_ce": best}
 
 

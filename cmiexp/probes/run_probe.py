@@ -385,7 +385,7 @@ def _unique(labels: list[str]) -> list[str]:
 def _base_results(cfg, run_dir: Path, source: ProbeSource) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
-    from cmiexp.train.runner import SCHEMA
+    from cmiexp.runs import SCHEMA
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
     head = source.describe()["head"] if not source.untrained else (cfg.get("head") or {}).get("name", "pooling")
@@ -413,8 +413,9 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     from cmiexp.models.factory import default_cache_dir
     from cmiexp.probes.flownib import (compare_runs, extract_activations, summary_line, train_flownib,
                                        write_outputs)
-    from cmiexp.train.runner import (_ADAPTERS, RESULTS, STARTED_RUN_DIRS, _peak_memory_mb, _quiet_libraries,
-                                     read_results)
+    from cmiexp.train.environment import peak_memory_mb, quiet_libraries
+    from cmiexp.runs import RESULTS, read_results
+    from cmiexp.train.runner import STARTED_RUN_DIRS, has_own_adapter
 
     run_dir = Path(run_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -427,14 +428,14 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     if prior and resume == "false":
         raise ConfigError(f"run directory {run_dir} already holds a run and trainer.resume=false; remove it or "
                           "use trainer.resume=auto")
-    if str(cfg.task.get("loader")) in _ADAPTERS:  # tasks with their own adapter (cot: generation)
+    if has_own_adapter(cfg.task.get("loader")):  # tasks with their own adapter (cot: generation)
         raise ConfigError(f"objective=flownib probes classification and regression tasks; task={cfg.task.name} "
                           "is not one")
     s = probe_settings(cfg.objective)
     source = resolve_source(s["source"], cfg)
     compare = load_compare_entries(s["compare"])  # checked before the expensive part
     device = resolve_device(s["device"])
-    _quiet_libraries()
+    quiet_libraries()
     t_start = time.perf_counter()
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -518,7 +519,7 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         extract_time_s=extract_s,
         probe_time_s=float(result.wall_time_s),
         device=device,
-        peak_memory_mb=_peak_memory_mb(torch.device(device)),
+        peak_memory_mb=peak_memory_mb(torch.device(device)),
         num_probe_samples=int(rows.size),
         probe={k: v for k, v in result.config.items() if k != "probe"} | {"split": s["split"], "pooling": s["pooling"]},
         files=files,

@@ -166,7 +166,7 @@ def start_run_config(cfg: DictConfig) -> DictConfig:
 
 def _completed(d: Path) -> bool:
     from cmiexp.teachers import PROMPT_HEAD_FILE
-    from cmiexp.train.runner import read_results
+    from cmiexp.runs import read_results
 
     res = read_results(d)
     best = d / "checkpoint" / "best"
@@ -210,7 +210,7 @@ def ensure_start_model(scfg: DictConfig) -> tuple[Path, str]:
         t0 = time.time()
         proc = subprocess.run(cmd, env=_child_env())
         if proc.returncode != 0 or not _completed(d):
-            from cmiexp.train.runner import read_results
+            from cmiexp.runs import read_results
 
             res = read_results(d) or {}
             why = res.get("error") or f"exit status {proc.returncode}"
@@ -246,7 +246,7 @@ def prepare_start(cfg: DictConfig, run_dir: Path) -> DictConfig:
         return cfg  # an explicit starting point wins; its schedule is trainer.*
     epochs = _positive(cfg, "finetune_epochs", 1)
     max_steps = _positive(cfg, "finetune_max_steps", -1, allow_minus_one=True)
-    from cmiexp.train.runner import read_results
+    from cmiexp.runs import read_results
 
     prior = read_results(run_dir)
     if prior and prior.get("status") == "completed" and str(cfg.trainer.resume).lower() == "auto":
@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     fh.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     logging.getLogger().addHandler(fh)
     from cmiexp.io import atomic_write_json
-    from cmiexp.train.runner import read_results, run_experiment
+    from cmiexp.runs import read_results
+    from cmiexp.train.runner import run_experiment
 
     try:
         cfg = OmegaConf.load(config_file)

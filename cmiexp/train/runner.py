@@ -33,6 +33,8 @@ from cmiexp.train.checkpoint import (
     save_best,
     save_training_state,
 )
+from cmiexp.train.environment import peak_memory_mb, quiet_libraries
+from cmiexp.train.settings import check_config
 from cmiexp.train.evaluate import evaluate
 
 log = logging.getLogger("cmiexp")
@@ -93,70 +95,6 @@ def _parse_every(value, name: str) -> int | None:
     return v
 
 
-# Types and ranges of the loop's settings, checked before anything runs so a bad value names its
-# key (``trainer.lr=abc``) instead of failing deep inside torch. (kind, lower bound, lower bound
-# inclusive, nullable); "int" refuses 2.5 and "abc", "float" refuses "abc", nan and inf.
-TRAINER_SCHEMA = {
-    "epochs": ("int", 1, True, False), "max_steps": ("int", None, True, False),
-    "batch_size": ("int", 1, True, False), "eval_batch_size": ("int", 1, True, False),
-    "grad_accum": ("int", 1, True, False), "lr": ("float", 0, False, False),
-    "weight_decay": ("float", 0, True, False), "adam_eps": ("float", 0, False, False),
-    "warmup_ratio": ("float", 0, True, False), "warmup_steps": ("int", 0, True, False),
-    "max_grad_norm": ("float", 0, True, True), "eval_train_samples": ("int", 1, True, False),
-    "num_workers": ("int", 0, True, False), "log_every": ("int", 1, True, False),
-    "stop_after_steps": ("int", 1, True, True),
-}
-BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu")
-RETENTION_CHOICES = ("full", "weights", "none")
-
-
-def _check_number(key: str, value, kind: str, low, low_inclusive: bool, nullable: bool) -> None:
-    if value is None:
-        if nullable:
-            return
-        raise ConfigError(f"{key}=null must be a{'n integer' if kind == 'int' else ' number'}")
-    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        kind == "int" and isinstance(value, float) and not value.is_integer())
-    if bad_type or not math.isfinite(float(value)):
-        want = "an integer" if kind == "int" else "a finite number"
-        raise ConfigError(f"{key}={value!r} must be {want}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        raise ConfigError(f"{key}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
-
-
-def check_config(cfg: DictConfig) -> None:
-    """ConfigError naming the key for a trainer value of the wrong type or range (or a bad choice)."""
-    t = cfg.trainer
-    for key, spec in TRAINER_SCHEMA.items():
-        if key in t:
-            _check_number(f"trainer.{key}", t[key], *spec)
-    for key in BOOL_KEYS:
-        if key in t and not isinstance(t[key], bool):
-            raise ConfigError(f"trainer.{key}={t[key]!r} must be true or false")
-    betas = t.get("adam_betas")
-    if not (OmegaConf.is_list(betas) and len(betas) == 2):
-        raise ConfigError(f"trainer.adam_betas={betas!r} must be a pair [beta1, beta2]")
-    for i, b in enumerate(betas):
-        _check_number(f"trainer.adam_betas[{i}]", b, "float", 0, True, False)
-        if b >= 1:
-            raise ConfigError(f"trainer.adam_betas[{i}]={b!r} must be < 1")
-    _check_number("seed", cfg.get("seed"), "int", 0, True, False)
-    retention = t.get("checkpoint_retention", "weights")
-    if retention not in RETENTION_CHOICES:
-        raise ConfigError(f"trainer.checkpoint_retention={retention!r}; valid choices: {', '.join(RETENTION_CHOICES)}")
-    share = t.get("collapse_share")
-    try:
-        share_ok = share is None or 0.0 < float(share) <= 1.0
-    except (TypeError, ValueError):
-        share_ok = False
-    if not share_ok:
-        raise ConfigError(f"trainer.collapse_share={share!r} must be a fraction in (0, 1]")
-    if t.scheduler not in ("linear", "cosine", "constant"):
-        raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")
-    if str(t.resume) not in ("auto", "True", "False", "true", "false"):
-        raise ConfigError(f"trainer.resume={t.resume!r}; valid choices: auto, true, false")
-
-
 def _optimizer(model, cfg):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
@@ -181,17 +119,6 @@ def _scheduler(optimizer, cfg, total_steps: int, num_processes: int = 1):
     # schedule is laid out in those units to keep the lr curve independent of the process count.
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup * num_processes,
                          num_training_steps=total_steps * num_processes)
-
-
-def _quiet_libraries():
-    import datasets
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def _batch_len(batch: dict) -> int:
@@ -224,17 +151,6 @@ def drop_padded_rows(batch: dict, local_index: int, rank: int, world: int, batch
         batch = {k: (v[:real] if hasattr(v, "shape") and v.ndim > 0 and v.shape[0] == n else v)
                  for k, v in batch.items()}
     return batch, real * world / global_real, global_real
-
-
-def _peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-    except ImportError:  # pragma: no cover - non-POSIX
-        return float("nan")
 
 
 class ClassificationAdapter:
@@ -330,6 +246,12 @@ def register_adapter(loader: str, target: str) -> None:
     _ADAPTERS[loader] = target
 
 
+def has_own_adapter(loader: str) -> bool:
+    """True for task loaders with an adapter of their own (e.g. chain-of-thought generation), i.e.
+    tasks that are not plain classification or regression."""
+    return str(loader) in _ADAPTERS and str(loader) != "default"
+
+
 def make_adapter(cfg):
     import importlib
 
@@ -422,7 +344,7 @@ class Run:
         from cmiexp.objectives import TrainContext, build_objective
         from cmiexp.train.tracking import make_tracker
 
-        _quiet_libraries()
+        quiet_libraries()
         check_config(self.cfg)
         cfg, t = self.cfg, self.cfg.trainer
         resume = str(t.resume).lower()
@@ -652,7 +574,7 @@ class Run:
             train_samples_per_s=new_samples / elapsed if elapsed > 0 else None,
             eval_time_s=overhead["eval_s"],
             checkpoint_time_s=overhead["checkpoint_s"],
-            peak_memory_mb=_peak_memory_mb(acc.device),
+            peak_memory_mb=peak_memory_mb(acc.device),
             num_processes=acc.num_processes,
             mixed_precision=acc.mixed_precision,
         )

@@ -122,7 +122,7 @@ def train_flownib_reference(x, z, y, num_classes: int | None, steps: int = REFER
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), REFERENCE["clip"])
                 optim.step()
-            ix[epoch, k], iy[epoch, k] = float(i_xz), float(i_zy)  # last minibatch, raw nats
+            ix[epoch, k], iy[epoch, k] = float(i_xz.detach()), float(i_zy.detach())  # last minibatch, raw nats
             bar.update(1)
     bar.close()
     steps_arr = np.arange(int(steps), dtype=np.int64)
