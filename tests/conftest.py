@@ -27,6 +27,17 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (small critics and probes run fastest that way on 2 cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def output_dir(tmp_path) -> Path:
     d = tmp_path / "outputs"
     d.mkdir()

@@ -29,12 +29,8 @@ from cmiexp.probes.flownib import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the critics are tiny: intra-op threads only add contention on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _synthetic(n=400, d=6, num_classes=3, seed=0):

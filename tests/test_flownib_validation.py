@@ -22,12 +22,8 @@ from cmiexp.probes.flownib.reference import ReferenceModel, reference_dv, train_
 from cmiexp.probes.flownib.result import trajectory_collapsed
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the critics are tiny: intra-op threads only add contention on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def linear_gaussian_layers(n: int, seed: int = 0):

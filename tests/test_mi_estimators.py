@@ -31,13 +31,8 @@ S3 = [[1.0, 0.2, -0.5],
       [-1.0, 0.4, 0.5]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The critics are tiny: intra-op threads only add contention on a shared 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the critics are tiny: intra-op threads only add contention on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pos_neg(s):

@@ -22,19 +22,14 @@ from cmiexp.mi.groundtruth import (
     beyond_normal_tasks,
     dense_cov,
     gaussian,
-    sparse_cov,
     student_t,
     student_t_mi,
 )
 from cmiexp.mi.knn import ksg_mi
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# the critics are tiny: intra-op threads only add contention on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- the closed forms themselves

@@ -13,17 +13,20 @@ ways (``val_fraction``, ``test_fraction``, the rest trains):
 
 Estimators (``estimator=``):
 
-* ``auto`` (default): for a discrete y, ``ba``. Otherwise both marginals are rank-transformed to
-  normal scores (MI is invariant under monotone maps of each coordinate), a Gaussian copula and
-  a neural critic (SMILE-trained) are fitted on train, and both are scored on validation with the
+* ``auto`` (default): for a discrete y, ``ba``. Otherwise three density-ratio models are fitted
+  on train: the Gaussian of the data, the Gaussian copula (both marginals rank-transformed to
+  normal scores; MI is invariant under monotone maps of each coordinate) and a neural critic
+  (SMILE-trained, on the normal scores). All three are scored on validation with the
   Jensen-Shannon criterion, which the true log density ratio maximises and which is bounded, so
   the comparison is low-variance even at large MI. The critic is used only when it beats the
-  copula by more than two standard errors of the paired difference; otherwise the copula's
-  closed form is reported. Measured on the ground-truth suite (``benchmarks/bench_mi.py``,
-  README), this is far more accurate than any single estimator: the closed form is exact for
-  every Gaussian copula at any MI and dimension (where critics cannot reach 10 nats from 5000
-  samples: a distribution-free lower bound needs about e^I samples), and the critic takes over
-  where dependence goes beyond a Gaussian copula (spirals, Student-t tails, embeddings).
+  better Gaussian model by more than two standard errors of the paired difference; then the
+  larger of its test readout (DV of the critic clipped to +-tau, still a bound) and, in low
+  dimension, KSG is reported. Otherwise the Gaussian model's closed form is. Measured on the
+  ground-truth suite (``benchmarks/bench_mi.py``; docs/mi.md) this is far more accurate than any
+  single estimator: the closed forms are exact for every Gaussian copula at any MI and dimension
+  (where critics cannot reach 10 nats from 5000 samples: a distribution-free lower bound needs
+  about e^I samples), KSG is the best estimator in low dimension, and the critic takes over where
+  dependence goes beyond a Gaussian copula in high dimension.
 * ``copula`` / ``gaussian``: the closed-form Gaussian MI of the normal scores / of the raw data
   (see :mod:`cmiexp.mi.closed_form`); ``ksg``: Kraskov's k-nearest-neighbour estimator
   (:mod:`cmiexp.mi.knn`), good in low dimension; ``ba``: H(Y) - CE of a softmax probe, discrete
@@ -385,7 +388,7 @@ def _estimate(estimator: str, x, y, opts: dict, seed: int) -> MIEstimate:
 
 def _critic_estimate(estimator: str, xt, yt, discrete: bool, opts: dict, seed: int) -> MIEstimate:
     """A neural critic (``estimator`` in smile/dv/mine/nwj/infonce), or ``auto``: the critic versus
-    the Gaussian copula, chosen on validation (see the module docstring)."""
+    the Gaussian models, chosen on validation (see the module docstring)."""
     n = xt.shape[0]
     gen = torch.Generator().manual_seed(int(seed))
     tr, va, te = split_three(n, float(opts["val_fraction"]), float(opts["test_fraction"]), gen)
