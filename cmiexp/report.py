@@ -230,6 +230,9 @@ class RunRecord:
     best: dict | None = None
     final: dict | None = None
     overrides: tuple[str, ...] = ()
+    # dotted key -> value of what the run trained with: the hashed config of run_config.json, or,
+    # for runs written before it existed, the key=value overrides (see run_settings)
+    settings: dict = field(default_factory=dict)
     collapsed: bool = False  # the run's dev predictions were (nearly) all one class (results.json)
     collapse_note: str | None = None
 
@@ -421,7 +424,24 @@ def _read_results(path: Path, root: Path) -> RunRecord:
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
         collapsed=data.get("collapsed") is True,
         collapse_note=_collapse_note(data),
+        settings=run_settings(path.parent, overrides if isinstance(overrides, list) else ()),
     )
+
+
+def run_settings(run_dir: Path, overrides: Iterable[str]) -> dict:
+    """What a run trained with, as dotted key -> value: its run_config.json (the resolved config the
+    run directory's hash was taken over), else the key=value overrides it was started with."""
+    from cmiexp.runs import read_run_config
+    from cmiexp.runs.identity import flatten
+
+    record = read_run_config(run_dir)
+    if record is not None:
+        return {k: v for k, v in flatten(record["config"]).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    out = {}
+    for o in overrides:
+        if "=" in o:
+            out[_override_key(o)] = o.split("=", 1)[1].strip()
+    return out
 
 
 def _collapse_note(data: dict) -> str | None:
@@ -446,6 +466,7 @@ def _read_missing(run_dir: Path, root: Path) -> RunRecord | None:
             for k, v in ident.items():
                 setattr(rec, k, v)
             rec.overrides = _read_overrides(run_dir)
+            rec.settings = run_settings(run_dir, rec.overrides)
             return rec
     return None
 
@@ -756,7 +777,45 @@ def _variant(rec: RunRecord, group_by: Sequence[str]) -> tuple[str, ...]:
         k = _override_key(o)
         if k in group_by and "=" in o:
             found[k] = f"{k}={o.split('=', 1)[1].strip()}"
+    for k in group_by:  # the value the run trained with wins over how it was spelled
+        if k in rec.settings:
+            found[k] = f"{k}={rec.settings[k]}"
     return tuple(found[k] for k in group_by if k in found)
+
+
+# Keys that place a run in a cell already (its column and row) or are the replicate index.
+_CELL_KEYS = ("seed", "task.name", "model.name", "objective.name")
+
+
+def varying_keys(records: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
+    """Config keys whose values differ between runs that would share a table cell (same task,
+    experiment, model, objective and teacher), other than the seed: averaging over them would mix
+    different trainings as if they were seeds. Returns (keys to group by, keys that vary only
+    with the seed, one value per seed, such as a per-seed teacher or starting checkpoint: those
+    are replicates and are not split, but named).
+
+    Only keys known for at least two runs of a cell are compared (a run written before
+    run_config.json existed knows only its overrides)."""
+    cells: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        if r.identified and r.status == "completed":
+            cells.setdefault((task_key(r.task), _method_of(r, ())), []).append(r)
+    group, per_seed = set(), set()
+    for runs in cells.values():
+        if len(runs) < 2:
+            continue
+        keys = {k for r in runs for k in r.settings} - set(_CELL_KEYS)
+        for k in keys:
+            have = [r for r in runs if k in r.settings]
+            if len(have) < 2 or len({json.dumps(r.settings[k], sort_keys=True) for r in have}) < 2:
+                continue
+            by_seed: dict = {}
+            for r in have:
+                by_seed.setdefault(r.seed, set()).add(json.dumps(r.settings[k], sort_keys=True))
+            values = {v for vs in by_seed.values() for v in vs}
+            one_per_seed = all(len(vs) == 1 for vs in by_seed.values()) and len(values) == len(by_seed)
+            (per_seed if one_per_seed else group).add(k)
+    return sorted(group), sorted(per_seed - group)
 
 
 def _method_of(rec: RunRecord, group_by: Sequence[str]) -> MethodKey:
@@ -856,7 +915,8 @@ def build_table(
     references: Sequence[ReferenceSet] = (),
     experiments: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
-    group_by: Sequence[str] = (),
+    group_by: Sequence[str] | None = None,
+    average_over: Sequence[str] = (),
     deltas: bool = True,
     average: bool = True,
     digits: int | None = None,
@@ -869,6 +929,11 @@ def build_table(
     each task uses its report metric: ``metric_overrides`` (task -> metric), else the runs'
     ``primary_metric`` when ``use_primary``, else the DistilBERT-paper defaults.
     ``which`` picks ``best`` or ``final`` metrics. Values are x100 for GLUE-style scores.
+
+    Rows never average different trainings: by default (``group_by=None``) methods are split by
+    every config key that varies across the runs of a cell other than the seed
+    (:func:`varying_keys`), minus ``average_over``, and a note names them; an explicit
+    ``group_by`` (possibly empty) replaces that choice.
     """
     if which not in ("best", "final"):
         raise ConfigError(f"which must be 'best' or 'final', got {which!r}")
@@ -904,6 +969,20 @@ def build_table(
         columns.append(Column(key=key, header=task_header(key), metric=spec, digits=d))
     col_by_key = {c.key: c for c in columns}
 
+    if group_by is None:
+        auto, per_seed = varying_keys(placed)
+        group_by = tuple(k for k in auto if k not in set(average_over))
+        if group_by:
+            notes.append(f"rows split by {', '.join(group_by)}: these keys vary across runs other than the seed "
+                         "(--average-over KEY to pool them, --group-by KEY to choose)")
+        elif not average_over:
+            notes.append("each cell pools runs whose configs differ only in the seed")
+        pooled = [k for k in auto if k in set(average_over)]
+        if pooled:
+            notes.append(f"pooled as replicates on request (--average-over): {', '.join(pooled)}")
+        if per_seed:
+            notes.append(f"one value per seed, pooled as replicates: {', '.join(per_seed)}")
+    group_by = tuple(group_by)
     experiments_present = {r.experiment or "" for r in placed}
     multi_exp = len(experiments_present) > 1
     methods: dict[MethodKey, dict[str, Cell]] = {}
@@ -953,7 +1032,7 @@ def build_table(
             if dup:
                 notes.append(
                     f"{mk.label(multi_exp)}, {col_by_key[key].header}: several completed runs with seed "
-                    f"{', '.join(map(str, dup))} were averaged (use --group-by KEY to split runs by an override)"
+                    f"{', '.join(map(str, dup))} were averaged (use --group-by KEY to split them by a config key)"
                 )
 
     rows: list[Row] = []
@@ -1339,6 +1418,12 @@ def _parser() -> argparse.ArgumentParser:
         prog="cmiexp-report",
         description="Aggregate cmiexp runs (every results.json under the given directories) into "
         "mean ± std tables; writes report.md, report.csv and report.tex.",
+        epilog="examples:\n"
+        "  cmiexp-report outputs/runs/cmi_glue                       # rows split by every key that varies\n"
+        "  cmiexp-report outputs/runs/cmi_glue --group-by trainer.lr # split by exactly this key\n"
+        "  cmiexp-report outputs/runs/cmi_glue --average-over trainer.lr  # pool two lrs as replicates\n"
+        "  cmiexp-report outputs/runs/cmi_glue --extra-metric cmi --metric mrpc=f1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="DIR", help="run directory, sweep directory or outputs/")
     p.add_argument("--out", metavar="DIR", help="where to write the report files (default: the first DIR)")
@@ -1355,8 +1440,13 @@ def _parser() -> argparse.ArgumentParser:
         help="add a diagnostics table of this metric, unscaled unless a GLUE score (e.g. cmi)",
     )  # fmt: skip
     p.add_argument(
-        "--group-by", action="append", default=[], metavar="KEY",
-        help="split methods by the value of this override key (e.g. optimizer.lr)",
+        "--group-by", action="append", default=None, metavar="KEY",
+        help="split rows by exactly these config keys, e.g. --group-by trainer.lr (repeatable; default: every key "
+        "that varies across the runs of a cell other than the seed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--average-over", action="append", default=[], metavar="KEY",
+        help="pool runs that differ in this key as if they were seeds, e.g. --average-over trainer.lr (repeatable)",
     )  # fmt: skip
     p.add_argument("--reference", action="append", default=[], metavar="FILE", help="extra reference YAML (repeatable)")
     p.add_argument("--no-reference", action="store_true", help="omit all reference rows")
@@ -1381,7 +1471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             which="final" if args.final else "best",
             experiments=args.experiment,
             tasks=args.task,
-            group_by=tuple(args.group_by),
+            group_by=None if args.group_by is None else tuple(args.group_by),
+            average_over=tuple(args.average_over),
             digits=args.digits,
         )
         main_table = build_table(

@@ -402,12 +402,20 @@ def test_multiple_experiments_prefix_labels_and_group_by(tmp_path: Path):
     write_result(root, "glue/rte", "ce", 1, {"accuracy": 0.80}, exp="a", overrides=["seed=1", "optimizer.lr=2e-05"], suffix="-0badcafe")
     write_result(root, "glue/rte", "ce", 1, {"accuracy": 0.60}, exp="b")
     recs = collect_runs([root])
+    # By default two learning rates are never averaged as if they were seeds: the rows are split
+    # by the key that varies, and the note says so.
     table = build_table(recs)
     labels = [r.label for r in table.rows]
-    assert labels == ["a: bert-base-uncased / ce", "b: bert-base-uncased / ce"]
-    # Two seed-1 runs with different learning rates were averaged: (70+80)/2 = 75; flagged.
-    assert table.rows[0].cells["rte"].mean == pytest.approx(75.0)
-    assert any("seed 1 were averaged" in n for n in table.notes)
+    assert labels == ["a: bert-base-uncased / ce [optimizer.lr=1e-05]", "a: bert-base-uncased / ce [optimizer.lr=2e-05]",
+                      "b: bert-base-uncased / ce"]
+    assert [r.cells["rte"].mean for r in table.rows] == [pytest.approx(70.0), pytest.approx(80.0), pytest.approx(60.0)]
+    assert any(n.startswith("rows split by optimizer.lr") for n in table.notes)
+    # Pooling them is an explicit request: (70+80)/2 = 75, and the duplicated seed is flagged.
+    pooled = build_table(recs, average_over=["optimizer.lr"])
+    assert [r.label for r in pooled.rows] == ["a: bert-base-uncased / ce", "b: bert-base-uncased / ce"]
+    assert pooled.rows[0].cells["rte"].mean == pytest.approx(75.0)
+    assert any("seed 1 were averaged" in n for n in pooled.notes)
+    assert any("pooled as replicates on request" in n for n in pooled.notes)
     split = build_table(recs, group_by=["optimizer.lr"], experiments=["a"])
     assert [r.label for r in split.rows] == [
         "bert-base-uncased / ce [optimizer.lr=1e-05]",
@@ -522,3 +530,53 @@ def test_final_metrics_option(tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("## Results (final.metrics)")
     assert "| bert-base-uncased / ce | 66.0 (n=1) | 66.0 |" in out
+
+
+def _with_run_config(d: Path, config: dict) -> None:
+    """The hashed config a real run writes next to results.json (cmiexp.runs.records)."""
+    (d / "run_config.json").write_text(json.dumps({"hash": "0" * 8, "config": config}), encoding="utf-8")
+
+
+def test_default_report_never_averages_different_trainings(tmp_path: Path, capsys):
+    """An lr sweep with two seeds: the rows are split by trainer.lr (read from each run's hashed
+    config, whatever the spelling of the override), each row averages its own two seeds, and a
+    key with one value per seed (a per-seed starting checkpoint) is pooled and named."""
+    root = tmp_path / "sweep"
+    acc = {(1e-3, 1): 0.70, (1e-3, 2): 0.72, (2e-5, 1): 0.50, (2e-5, 2): 0.54}
+    for (lr, seed), a in acc.items():
+        d = write_result(root, "glue/rte", "ce", seed, {"accuracy": a}, overrides=[f"seed={seed}", f"trainer.lr={lr}"],
+                         suffix=f"-{int(lr * 1e5):05d}")
+        _with_run_config(d, {"seed": seed, "task": {"name": "glue/rte"}, "model": {"name": BERT},
+                             "trainer": {"lr": lr, "batch_size": 32, "init_from": f"/teachers/ce/seed{seed}"}})
+    table = build_table(collect_runs([root]), references=[])
+    assert [r.label for r in table.rows] == [f"{BERT} / ce [trainer.lr=0.001]", f"{BERT} / ce [trainer.lr=2e-05]"]
+    # (70 + 72) / 2 = 71 and (50 + 54) / 2 = 52, two seeds each
+    assert [(r.cells["rte"].mean, r.cells["rte"].n) for r in table.rows] == [(pytest.approx(71.0), 2),
+                                                                             (pytest.approx(52.0), 2)]
+    assert any(n.startswith("rows split by trainer.lr:") for n in table.notes)
+    assert any("one value per seed, pooled as replicates: trainer.init_from" in n for n in table.notes)
+    assert not any("were averaged" in n for n in table.notes)
+    # the command line: the grouping is named in the report, --average-over pools on request
+    assert main([str(root), "--out", str(tmp_path / "r1"), "--no-reference"]) == 0
+    md = (tmp_path / "r1" / "report.md").read_text()
+    assert "rows split by trainer.lr" in md and "[trainer.lr=0.001]" in md
+    assert main([str(root), "--out", str(tmp_path / "r2"), "--no-reference", "--average-over", "trainer.lr"]) == 0
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert "[trainer.lr" not in md and "pooled as replicates on request (--average-over): trainer.lr" in md
+    capsys.readouterr()
+
+
+def test_report_help_examples_name_real_keys(capsys):
+    from cmiexp.report import _parser
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "optimizer.lr" not in out
+    examples = [line.split("#")[0].split() for line in out.splitlines() if line.strip().startswith("cmiexp-report ")]
+    assert ["cmiexp-report", "outputs/runs/cmi_glue", "--group-by", "trainer.lr"] in examples
+    assert ["cmiexp-report", "outputs/runs/cmi_glue", "--average-over", "trainer.lr"] in examples
+    # trainer.lr is a real config key (the example works as written)
+    from tests.conftest import compose_config
+
+    assert "lr" in compose_config([]).trainer
