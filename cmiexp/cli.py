@@ -70,6 +70,18 @@ def describe_exception(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}{where}"
 
 
+def format_metric(v: float) -> str:
+    """Four decimals for ordinary values, four significant digits for small ones, so 8e-6 prints as
+    8e-06 and not as a misleading 0.0000; integers stay integers."""
+    if isinstance(v, bool) or (isinstance(v, int)):
+        return str(v)
+    if v != v or v in (float("inf"), float("-inf")):
+        return str(v)
+    if v == 0 or abs(v) >= 1e-3:
+        return f"{v:.4f}"
+    return f"{v:.4g}"
+
+
 def format_results_table(results: dict) -> str:
     """A small end-of-run table: best and final dev metrics, plus cost."""
     best = (results.get("best") or {}).get("metrics") or {}
@@ -80,7 +92,7 @@ def format_results_table(results: dict) -> str:
     skip = {"num_samples", "pred_counts"}
     for k in [k for k in best if k not in skip] + [k for k in final if k not in best and k not in skip]:
         def fmt(v):
-            return f"{v:12.4f}" if isinstance(v, (int, float)) else f"{'-':>12}"
+            return f"{format_metric(v):>12}" if isinstance(v, (int, float)) else f"{'-':>12}"
         lines.append(f"{k:<24}{fmt(best.get(k))}{fmt(final.get(k))}")
     if results.get("best"):
         lines.append(f"best at step {results['best'].get('step')} (primary: {results.get('primary_metric')})")
@@ -284,6 +296,52 @@ def check_output_dir(argv: list[str]) -> str | None:
     return None
 
 
+def _wants_resolved_hydra_config(argv: list[str]) -> bool:
+    for i, a in enumerate(argv[:-1]):
+        if a in ("-c", "--cfg") and argv[i + 1] == "hydra":
+            return "--resolve" in argv
+    return False
+
+
+def print_resolved_hydra_config(argv: list[str]) -> int:
+    """``cmiexp --cfg hydra --resolve``: Hydra resolves its own node without the job config, so
+    the run directory's ``${paths.output_dir}`` / ``${task.name}`` cannot resolve there; compose the
+    whole config (the same files and overrides) and print its resolved ``hydra`` node instead."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    flags = {"-c", "--cfg", "hydra", "--resolve", "-p", "--package"}
+    overrides = [a for a in argv if a not in flags and not a.startswith("-")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        raw = OmegaConf.to_container(cfg.hydra, resolve=False)
+        text = OmegaConf.to_yaml(_resolve_leaves(cfg, raw, "hydra"))
+    except Exception as e:  # noqa: BLE001 - one line for a bad override, as for a run
+        print(f"cmiexp: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(text, end="")
+    return 0
+
+
+def _resolve_leaves(root, node, prefix: str):
+    """Each interpolation of ``node`` (a plain container under ``prefix`` of ``root``) resolved on
+    its own; fields Hydra fills only when a job starts (hydra.runtime.*) stay as written."""
+    from omegaconf import OmegaConf
+
+    if isinstance(node, dict):
+        return {k: _resolve_leaves(root, v, f"{prefix}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [_resolve_leaves(root, v, f"{prefix}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        try:
+            value = OmegaConf.select(root, prefix, throw_on_missing=True)
+            return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        except Exception:  # noqa: BLE001 - unresolvable before a job starts: show it as written
+            return node
+    return node
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if "--dry-run" in argv:  # sizes, memory and steps without loading weights (cmiexp/dry_run.py)
@@ -296,6 +354,8 @@ def main() -> None:
     if err:
         print(f"cmiexp: error: {err}", file=sys.stderr)
         sys.exit(1)
+    if _wants_resolved_hydra_config(argv):
+        sys.exit(print_resolved_hydra_config(argv))
     _entry()
     if _failures:
         print(f"cmiexp: {len(_failures)} job(s) failed:", file=sys.stderr)
