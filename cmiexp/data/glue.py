@@ -235,7 +235,7 @@ GLUE_TASKS: dict[str, GlueTaskInfo] = {
 # --------------------------------------------------------------------------- config access
 
 
-def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     """Read ``key`` from an OmegaConf node, a mapping or any attribute-access object."""
     getter = getattr(cfg, "get", None)
     if callable(getter):
@@ -246,8 +246,8 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-def _positive_int_or_none(cfg: Any, key: str) -> int | None:
-    value = _cfg_get(cfg, key)
+def positive_int_or_none(cfg: Any, key: str) -> int | None:
+    value = cfg_get(cfg, key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -269,22 +269,22 @@ def get_task_info(dataset: str) -> GlueTaskInfo:
 
 def load_glue(task_cfg: Any) -> TaskData:
     """Build the raw GLUE splits named by ``task_cfg`` (hub when data_dir is null, else local)."""
-    info = get_task_info(_cfg_get(task_cfg, "dataset"))
-    name = _cfg_get(task_cfg, "name") or f"glue/{info.name}"
-    primary = _cfg_get(task_cfg, "primary_metric") or info.primary_metric
+    info = get_task_info(cfg_get(task_cfg, "dataset"))
+    name = cfg_get(task_cfg, "name") or f"glue/{info.name}"
+    primary = cfg_get(task_cfg, "primary_metric") or info.primary_metric
     if primary not in info.metrics:
         raise ConfigError(
             f"task.primary_metric={primary!r} is not computed for {name}; "
             f"valid choices: {', '.join(info.metrics)}"
         )
-    max_train = _positive_int_or_none(task_cfg, "max_train_samples")
-    max_eval = _positive_int_or_none(task_cfg, "max_eval_samples")
-    seed = _cfg_get(task_cfg, "subsample_seed", 0)
+    max_train = positive_int_or_none(task_cfg, "max_train_samples")
+    max_eval = positive_int_or_none(task_cfg, "max_eval_samples")
+    seed = cfg_get(task_cfg, "subsample_seed", 0)
     seed = 0 if seed is None else int(seed)
 
-    data_dir = _cfg_get(task_cfg, "data_dir")
+    data_dir = cfg_get(task_cfg, "data_dir")
     if data_dir is None or str(data_dir).strip() == "":
-        hub_path = _cfg_get(task_cfg, "hub_path") or DEFAULT_HUB_PATH
+        hub_path = cfg_get(task_cfg, "hub_path") or DEFAULT_HUB_PATH
         train, evals, tests = _load_hub(info, str(hub_path))
         source = f"hub:{hub_path}/{info.name}"
     else:
@@ -486,7 +486,7 @@ def _to_dataset(columns: dict[str, list], info: GlueTaskInfo) -> Any:
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-def _env_offline() -> bool:
+def env_offline() -> bool:
     return any(
         os.environ.get(k, "").upper() in _TRUE
         for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -494,14 +494,14 @@ def _env_offline() -> bool:
 
 
 @contextmanager
-def _honour_offline_env() -> Iterator[None]:
+def honour_offline_env() -> Iterator[None]:
     """Apply offline flags set after ``datasets`` was imported.
 
     datasets/huggingface_hub read HF_*_OFFLINE once at import; without this a flag set later
     (by a launcher, or a test's monkeypatch) is ignored and load_dataset spends ~25 s retrying
     the network. Cached datasets still load in offline mode.
     """
-    if not _env_offline():
+    if not env_offline():
         yield
         return
     import datasets.config as dcfg
@@ -521,7 +521,7 @@ def _honour_offline_env() -> Iterator[None]:
 _OFFLINE_MARKERS = ("offline", "connect", "timeout", "localentrynotfound", "name or service", "resolve host")
 
 
-def _is_connection_problem(exc: BaseException) -> bool:
+def is_connection_problem(exc: BaseException) -> bool:
     seen = 0
     e: BaseException | None = exc
     while e is not None and seen < 10:  # walk the cause chain (hub errors wrap HTTP errors)
@@ -543,11 +543,11 @@ def _load_hub(info: GlueTaskInfo, hub_path: str) -> tuple[Any, dict[str, Any], d
         "or run `cmiexp` with no overrides for the offline default task=synthetic"
     )
     try:
-        with _honour_offline_env():
+        with honour_offline_env():
             dd = datasets.load_dataset(hub_path, info.name)
     except Exception as e:  # noqa: BLE001 - turned into one actionable line below
         first = (str(e).strip().splitlines() or [""])[0]
-        if _env_offline() or _is_connection_problem(e):
+        if env_offline() or is_connection_problem(e):
             raise DataError(
                 f"the Hugging Face Hub cannot be reached to load {hub_path}/{info.name} "
                 f"({type(e).__name__}: {first}); {local_hint}"

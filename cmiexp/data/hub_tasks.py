@@ -402,16 +402,16 @@ def _load_local(spec: HubTaskSpec, data_dir: Path, convert) -> dict[str, Any]:
 def _load_hub(spec: HubTaskSpec, hub_path: str, hub_config: str | None, convert) -> dict[str, Any]:
     import datasets
 
-    from cmiexp.data.glue import _env_offline, _honour_offline_env, _is_connection_problem
+    from cmiexp.data.glue import env_offline, honour_offline_env, is_connection_problem
 
     ident = hub_path + (f" ({hub_config})" if hub_config else "")
     hint = f"set task.data_dir=/path/to/{spec.name} ({_layout(spec)})"
     try:
-        with _honour_offline_env():
+        with honour_offline_env():
             dd = datasets.load_dataset(hub_path, hub_config) if hub_config else datasets.load_dataset(hub_path)
     except Exception as e:  # noqa: BLE001 - turned into one actionable line
         first = (str(e).strip().splitlines() or [""])[0]
-        what = "cannot be reached to load" if (_env_offline() or _is_connection_problem(e)) else "could not load"
+        what = "cannot be reached to load" if (env_offline() or is_connection_problem(e)) else "could not load"
         raise DataError(f"the Hugging Face Hub {what} {ident} ({type(e).__name__}: {first[:200]}); {hint}") from e
     out: dict[str, Any] = {}
     for alias, split in spec.hub_splits.items():
@@ -432,7 +432,7 @@ def _load_hub(spec: HubTaskSpec, hub_path: str, hub_config: str | None, convert)
 
 
 def _cfg_get(cfg, key, default=None):
-    from cmiexp.data.glue import _cfg_get as get
+    from cmiexp.data.glue import cfg_get as get
 
     return get(cfg, key, default)
 
@@ -454,7 +454,7 @@ def split_off_validation(train, fraction: float, seed: int):
 
 def load_hub_task(task_cfg) -> TaskData:
     """Build the splits of the task named by ``task.dataset`` (hub when data_dir is null, else local files)."""
-    from cmiexp.data.glue import _positive_int_or_none, subsample
+    from cmiexp.data.glue import positive_int_or_none, subsample
 
     spec = get_spec(str(_cfg_get(task_cfg, "dataset")))
     name = str(_cfg_get(task_cfg, "name") or spec.name)
@@ -494,8 +494,8 @@ def load_hub_task(task_cfg) -> TaskData:
                             "to carve one out of train")
         train, evals["validation"] = split_off_validation(train, frac, int(_cfg_get(task_cfg, "split_seed", 42)))
     seed = int(_cfg_get(task_cfg, "subsample_seed", 0) or 0)
-    train = subsample(train, _positive_int_or_none(task_cfg, "max_train_samples"), seed)
-    max_eval = _positive_int_or_none(task_cfg, "max_eval_samples")
+    train = subsample(train, positive_int_or_none(task_cfg, "max_train_samples"), seed)
+    max_eval = positive_int_or_none(task_cfg, "max_eval_samples")
     evals = {a: subsample(d, max_eval, seed) for a, d in evals.items()}
     test = splits.get("test")
     return TaskData(

@@ -33,6 +33,12 @@ def available_objectives() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def objective_class(name: str) -> type["Objective"] | None:
+    """The registered class of objective ``name`` (None if there is none)."""
+    _import_builtin()
+    return _REGISTRY.get(name)
+
+
 def build_objective(cfg: Any, ctx: "TrainContext") -> "Objective":
     """Instantiate the objective named by ``cfg.objective.name``."""
     _import_builtin()

@@ -91,13 +91,12 @@ class CotDataSpec:
 
 def cot_data_spec(objective_cfg) -> CotDataSpec:
     """The data spec of a CoT objective; ConfigError for objectives that are not CoT ones."""
-    from cmiexp.objectives.base import _REGISTRY, _import_builtin
+    from cmiexp.objectives.base import available_objectives, objective_class
 
-    _import_builtin()
     name = objective_cfg.get("name")
-    cls = _REGISTRY.get(name)
+    cls = objective_class(name)
     if cls is None or not issubclass(cls, CotObjective):
-        cot = sorted(n for n, c in _REGISTRY.items() if issubclass(c, CotObjective))
+        cot = sorted(n for n in available_objectives() if issubclass(objective_class(n), CotObjective))
         raise ConfigError(f"objective={name} cannot train a chain-of-thought task (task.loader=cot); "
                           f"use one of {', '.join(cot)}")
     return CotDataSpec(rationale=cls.uses_rationale, task_prefix=cls.task_prefix, label_source=cls.label_source)
