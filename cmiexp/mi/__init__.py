@@ -1,5 +1,6 @@
-"""Mutual-information estimators: variational bounds on critic score matrices, critics, and
-one-call estimators (:func:`estimate_mi`, :func:`ba_bound_discrete`)."""
+"""Mutual-information estimators: variational bounds on critic score matrices, critics, closed
+forms (Gaussian, Gaussian copula), KSG, and the one-call estimators (:func:`estimate_mi`, whose
+default ``auto`` chooses among them on validation data, and :func:`ba_bound_discrete`)."""
 
 from cmiexp.mi.bounds import (
     ESTIMATORS,
@@ -23,7 +24,9 @@ from cmiexp.mi.critics import (
     StackedSeparableCritic,
     make_stacked_critic,
 )
-from cmiexp.mi.estimate import ba_bound_discrete, entropy_from_labels, estimate_mi
+from cmiexp.mi.closed_form import GaussianCritic, copula_normalize, gaussian_mi
+from cmiexp.mi.estimate import MIEstimate, ba_bound_discrete, entropy_from_labels, estimate_mi
+from cmiexp.mi.knn import ksg_mi
 from cmiexp.mi.negatives import derangement, shuffled_pairs
 
 __all__ = [
@@ -31,4 +34,5 @@ __all__ = [
     "mine_objective", "nwj_bound", "readout", "smile_objective", "smile_readout", "training_objective",
     "ConcatCritic", "SeparableCritic", "StackedConcatCritic", "StackedSeparableCritic", "make_stacked_critic",
     "ba_bound_discrete", "entropy_from_labels", "estimate_mi", "derangement", "shuffled_pairs",
+    "GaussianCritic", "MIEstimate", "copula_normalize", "gaussian_mi", "ksg_mi",
 ]
