@@ -214,11 +214,12 @@ def _same_scale(a: dict | None, b: dict | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Teacher configs: compose, hash, train or reuse
 # ---------------------------------------------------------------------------------------------
-def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
+def flatten_items(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    """Nested mappings as (dotted key, leaf value) pairs, in order (an empty mapping gives none)."""
     if isinstance(value, Mapping):
         out: list[tuple[str, Any]] = []
         for k, v in value.items():
-            out += _flatten(f"{prefix}.{k}" if prefix else str(k), v)
+            out += flatten_items(f"{prefix}.{k}" if prefix else str(k), v)
         return out
     return [(prefix, value)]
 
@@ -241,11 +242,11 @@ def split_teacher_config(teacher_config: Mapping) -> tuple[list[str], list[tuple
             name = rest.pop("name", None)
             if name is not None:
                 groups.append(f"{key}={name}")
-            values += _flatten(key, rest)
+            values += flatten_items(key, rest)
         elif key in GROUP_KEYS and val is None:
             continue  # keep the default choice
         else:
-            values += _flatten(key, val)
+            values += flatten_items(key, val)
     return groups, values
 
 

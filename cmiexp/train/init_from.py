@@ -32,7 +32,6 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -126,15 +125,6 @@ def load_init_weights(model, info, load) -> None:
 # ---------------------------------------------------------------------------------------------
 # objective.start=ce: the CE starting model of objective=mcmi
 # ---------------------------------------------------------------------------------------------
-def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, Mapping):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out += _flatten(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    return [(prefix, value)]
-
-
 def start_run_config(cfg: DictConfig) -> DictConfig:
     """The resolved config of the CE run that ``cfg`` (with ``objective.start=ce``) starts from:
     this run's config with ``objective`` replaced by ``conf/objective/ce.yaml``, no init_from, and
@@ -142,6 +132,7 @@ def start_run_config(cfg: DictConfig) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     from cmiexp.config import CONF_DIR
+    from cmiexp.teachers import flatten_items
 
     extra = cfg.objective.get("start_config") or {}
     extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else extra
@@ -151,7 +142,7 @@ def start_run_config(cfg: DictConfig) -> DictConfig:
     base["objective"] = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "objective" / "ce.yaml"))
     base.setdefault("trainer", {})["init_from"] = None
     out = OmegaConf.create(base)
-    for key, value in _flatten("", extra):
+    for key, value in flatten_items("", extra):
         if key.split(".")[0] in START_FORBIDDEN:
             raise ConfigError(f"objective.start_config.{key.split('.')[0]} is not allowed: the CE starting model is trained on "
                               "this run's task, data, model and paths with objective=ce")
