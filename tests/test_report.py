@@ -567,10 +567,10 @@ def test_default_report_never_averages_different_trainings(tmp_path: Path, capsy
 
 
 def test_report_help_examples_name_real_keys(capsys):
-    from cmiexp.report import _parser
+    from cmiexp.report import build_parser
 
     with pytest.raises(SystemExit):
-        _parser().parse_args(["--help"])
+        build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
     assert "optimizer.lr" not in out
     examples = [line.split("#")[0].split() for line in out.splitlines() if line.strip().startswith("cmiexp-report ")]

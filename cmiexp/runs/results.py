@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cmiexp.errors import DataError
 from cmiexp.io import atomic_write_json, atomic_write_text
 
 RESULTS = "results.json"
@@ -18,16 +19,41 @@ SCHEMA = 1
 STATUSES = ("running", "completed", "interrupted", "failed")
 
 
+class ResultsUnreadable(DataError):
+    """A results.json that exists but cannot be read as a JSON object (the message says why)."""
+
+
+def results_path(run_dir: str | Path) -> Path:
+    """``<run_dir>/results.json`` (a path that already names the file is returned as it is)."""
+    p = Path(run_dir)
+    return p if p.name == RESULTS else p / RESULTS
+
+
+def load_results(run_dir: str | Path) -> dict:
+    """The run's results.json as a dict; ``FileNotFoundError`` when there is none,
+    ``ResultsUnreadable`` (one line: why) when it cannot be read, is not JSON or not an object."""
+    p = results_path(run_dir)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError) as e:
+        raise ResultsUnreadable(f"cannot read {RESULTS}: {' '.join(str(e).split())[:200]}") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ResultsUnreadable(f"{RESULTS} is not valid JSON ({e.msg}, line {e.lineno})") from e
+    if not isinstance(data, dict):
+        raise ResultsUnreadable(f"{RESULTS} does not hold a JSON object")
+    return data
+
+
 def read_results(run_dir: str | Path) -> dict | None:
     """The run's results.json, or None if it is missing or unreadable."""
-    p = Path(run_dir) / RESULTS
-    if not p.exists():
-        return None
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return load_results(run_dir)
+    except (OSError, ResultsUnreadable):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def write_results(run_dir: str | Path, results: dict) -> None:
