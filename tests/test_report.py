@@ -209,7 +209,7 @@ def test_collect_runs_statuses(sweep: Path):
 def test_markdown_table_exact(sweep: Path):
     table = build_table(collect_runs([sweep]), references=default_references())
     md = render_markdown(table)
-    assert md.startswith("## Results (best.metrics), mean ± std over seeds\n\n" + EXPECTED_MAIN + "\n")
+    assert md.startswith("## Results (dev split, best.metrics), mean ± std over seeds\n\n" + EXPECTED_MAIN + "\n")
     assert EXPECTED_DELTA in md
     assert (
         "Metric per task: CoLA = matthews_correlation ×100; STS-B = mean(pearson,spearman) ×100; "
@@ -384,7 +384,7 @@ def test_extra_metric_table_and_filters(sweep: Path):
     recs = collect_runs([sweep])
     cmi = build_table(recs, metric="cmi", tasks=["rte"], deltas=False, average=False, show_problems=False)
     md = render_markdown(cmi)
-    assert md.startswith("## Diagnostics: cmi (best.metrics), mean ± std over seeds\n")
+    assert md.startswith("## Diagnostics: cmi (dev split, best.metrics), mean ± std over seeds\n")
     # ce: 0.10/0.12/0.14 -> 0.120 ± 0.020; cmi_min 0.05/0.05 -> 0.050 ± 0.000
     assert (
         "| Method | RTE |\n| --- | --- |\n"
@@ -478,7 +478,7 @@ def test_cli_writes_files_and_prints_markdown(sweep: Path, tmp_path: Path, capsy
     assert EXPECTED_MAIN.replace(
         "| bert-base-uncased / ce |", "| Toy (Doe 2024) | — | — | 61.0 | 61.0 (1/3 tasks) |\n| bert-base-uncased / ce |", 1
     ) in out
-    assert "## Diagnostics: cmi (best.metrics)" in out
+    assert "## Diagnostics: cmi (dev split, best.metrics)" in out
     assert (sweep / "report.md").read_text() == out
     assert "cmi_min" in (sweep / "report.csv").read_text()
     assert r"cmi\_min" in (sweep / "report.tex").read_text()
@@ -528,7 +528,7 @@ def test_final_metrics_option(tmp_path: Path, capsys):
     assert "| bert-base-uncased / ce | 70.0 (n=1) | 70.0 |" in capsys.readouterr().out
     assert main([str(root), "--no-reference", "--final"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("## Results (final.metrics)")
+    assert out.startswith("## Results (dev split, final.metrics)")
     assert "| bert-base-uncased / ce | 66.0 (n=1) | 66.0 |" in out
 
 

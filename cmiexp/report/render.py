@@ -33,6 +33,7 @@ def _counts(cell: Cell) -> list[str]:
         (cell.failed, "failed"),
         (cell.missing, "missing"),
         (cell.running, "running"),
+        (cell.interrupted, "interrupted"),
         (cell.no_metric, "without metric"),
         (cell.collapsed, "collapsed"),
     ):
@@ -94,8 +95,18 @@ def average_legend(table: Table) -> str:
     return text + "."
 
 
+def split_by_line(table: Table) -> str | None:
+    """The sentence under a title naming the config keys the rows are split by, if any."""
+    if not table.split_by:
+        return None
+    return (f"Rows split by {', '.join(table.split_by)} (configs differ in these keys, not only in the seed; "
+            "the row label shows each value).")
+
+
 def _render_md_one(table: Table) -> str:
     out = [f"## {table.title}", ""]
+    if split_by_line(table):
+        out += [split_by_line(table), ""]
     if not table.columns:
         out += ["No runs.", ""]
         return "\n".join(out)
@@ -159,7 +170,7 @@ def render_markdown(tables: Table | Sequence[Table]) -> str:
 CSV_FIELDS = (
     "table", "kind", "method", "experiment", "model", "objective", "teacher_objective", "variant",
     "task", "metric", "scale", "mean", "std", "n", "failed", "missing", "running", "no_metric",
-    "seeds", "baseline", "delta",
+    "seeds", "baseline", "delta", "split", "interrupted", "teacher",
 )  # fmt: skip
 
 
@@ -187,6 +198,8 @@ def render_csv(tables: Table | Sequence[Table]) -> str:
                 "teacher_objective": (m.teacher_objective or "") if m else "",
                 "variant": " ".join(m.variant) if m else "",
                 "baseline": d.baseline if d else "",
+                "split": t.split,
+                "teacher": " ".join(h.split(" ", 1)[-1] for h in row.teachers),
             }
             for c in t.columns:
                 cell = row.cells.get(c.key) or Cell()
@@ -195,6 +208,7 @@ def render_csv(tables: Table | Sequence[Table]) -> str:
                     task=c.key, metric=c.metric.name, scale=c.scale, mean=_num(cell.mean), std=_num(cell.std),
                     n=cell.n, failed=cell.failed, missing=cell.missing, running=cell.running,
                     no_metric=cell.no_metric, seeds=" ".join(str(s) for s in cell.seeds if s is not None),
+                    interrupted=cell.interrupted,
                     delta=_num(d.deltas.get(c.key)) if d else "",
                 )  # fmt: skip
                 w.writerow(rec)
@@ -203,6 +217,7 @@ def render_csv(tables: Table | Sequence[Table]) -> str:
                 rec.update(
                     task="average", metric="", scale="", mean=_num(row.average), std="", n=row.average_count,
                     failed="", missing="", running="", no_metric="", seeds="", delta=_num(d.average) if d else "",
+                    interrupted="",
                 )  # fmt: skip
                 w.writerow(rec)
     return buf.getvalue()
@@ -237,6 +252,8 @@ def _tex_cell(cell: Cell | None, digits: int) -> str:
 
 def _render_tex_one(t: Table) -> list[str]:
     out = [f"% {latex_escape(t.title)}"]
+    if split_by_line(t):
+        out.append(f"% {latex_escape(split_by_line(t))}")
     if not t.columns:
         return out + ["% no runs"]
     ad = avg_digits(t)

@@ -34,10 +34,12 @@ class MethodKey:
         obj_rank = (0, "") if self.objective == BASELINE_OBJECTIVE else (1, self.objective)
         return (self.experiment, self.model, teacher_rank, obj_rank, self.variant)
 
-    def label(self, with_experiment: bool = False) -> str:
+    def label(self, with_experiment: bool = False, teacher_hashes: Sequence[str] = ()) -> str:
+        """``model / objective (teacher: objective hash...) [key=value...]``; ``teacher_hashes`` are the
+        run hashes of the teachers of the row's runs (results.json ``teacher``), when recorded."""
         s = f"{self.model} / {self.objective}"
-        if self.teacher_objective:
-            s += f" (teacher: {self.teacher_objective})"
+        if self.teacher_objective or teacher_hashes:
+            s += " (teacher: " + " ".join([self.teacher_objective or "?", ", ".join(teacher_hashes)]).strip() + ")"
         if self.variant:
             s += " [" + ", ".join(self.variant) + "]"
         if with_experiment and self.experiment:
@@ -54,6 +56,7 @@ class Cell:
     failed: int = 0
     missing: int = 0
     running: int = 0
+    interrupted: int = 0  # stopped before the end (signal or trainer.stop_after_steps); resumable
     no_metric: int = 0
     collapsed: int = 0  # completed runs among ``values`` whose dev predictions were one class
     reference: bool = False
@@ -72,7 +75,7 @@ class Cell:
 
     @property
     def empty(self) -> bool:
-        return self.n == 0 and not (self.failed or self.missing or self.running or self.no_metric)
+        return self.n == 0 and not (self.failed or self.missing or self.running or self.interrupted or self.no_metric)
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Row:
     kind: str  # "reference" | "run"
     cells: dict[str, Cell]
     method: MethodKey | None = None
+    teachers: tuple[str, ...] = ()  # "objective hash" of each distinct teacher of the row's runs
     average: float | None = None
     average_count: int = 0
 
@@ -130,6 +134,8 @@ class Table:
     references: list[ReferenceSet] = field(default_factory=list)
     show_average: bool = True
     show_problems: bool = True
+    split: str = "dev"  # "dev" (best/final dev metrics) or "test" (results.json test)
+    split_by: tuple[str, ...] = ()  # config keys the rows are split by (named under the title)
 
     @property
     def averaged_columns(self) -> list[Column]:
@@ -206,6 +212,7 @@ def _resolve_task_metric(
     use_primary: bool,
     fixed: MetricSpec | None,
     which: str,
+    split: str,
     notes: list[str],
 ) -> MetricSpec:
     if fixed is not None:
@@ -238,7 +245,7 @@ def _resolve_task_metric(
         spec = most_common_primary()
         if spec is not None:
             return spec
-    if any("accuracy" in (r.metrics(which) or {}) for r in recs):
+    if any("accuracy" in (r.metrics(which, split) or {}) for r in recs):
         return MetricSpec(("accuracy",))
     return most_common_primary() or MetricSpec(("accuracy",))
 
@@ -293,6 +300,7 @@ def build_table(
     digits: int | None = None,
     show_problems: bool = True,
     title: str | None = None,
+    split: str = "dev",
 ) -> Table:
     """Aggregate runs into a method x task table.
 
@@ -300,6 +308,9 @@ def build_table(
     each task uses its report metric: ``metric_overrides`` (task -> metric), else the runs'
     ``primary_metric`` when ``use_primary``, else the DistilBERT-paper defaults.
     ``which`` picks ``best`` or ``final`` metrics. Values are x100 for GLUE-style scores.
+    ``split="test"`` shows the test metrics instead (results.json ``test``: the selected model
+    evaluated once on the test split, for tasks that have a labelled one); runs without them count
+    as "without metric", and reference rows are kept only when their source is a test split.
 
     Rows never average different trainings: by default (``group_by=None``) methods are split by
     every config key that varies across the runs of a cell other than the seed
@@ -308,6 +319,8 @@ def build_table(
     """
     if which not in ("best", "final"):
         raise ConfigError(f"which must be 'best' or 'final', got {which!r}")
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     overrides: dict[str, MetricSpec] = {}
     for t, m in (metric_overrides or {}).items():
         spec = m if isinstance(m, MetricSpec) else parse_metric_spec(m)
@@ -335,7 +348,7 @@ def build_table(
         by_task.setdefault(task_key(r.task), []).append(r)
     columns = []
     for key in sorted(by_task, key=task_sort_key):
-        spec = _resolve_task_metric(key, by_task[key], overrides, use_primary, fixed, which, notes)
+        spec = _resolve_task_metric(key, by_task[key], overrides, use_primary, fixed, which, split, notes)
         d = digits if digits is not None else (1 if spec.scaled else 3)
         columns.append(Column(key=key, header=task_header(key), metric=spec, digits=d))
     col_by_key = {c.key: c for c in columns}
@@ -359,20 +372,33 @@ def build_table(
     methods: dict[MethodKey, dict[str, Cell]] = {}
     problems: list[Problem] = []
     collapsed_notes: list[str] = []
+    # The teachers of each row's runs (results.json ``teacher``), named in the row label: a row of
+    # per-seed teachers lists each; the hash is not a grouping key (one teacher per seed is a replicate).
+    teachers: dict[MethodKey, set[str]] = {}
+    for r in placed:
+        if r.teacher_hash:
+            teachers.setdefault(_method_of(r, group_by), set()).add(r.teacher_hash)
+    teacher_hashes = {mk: tuple(sorted(hs)) for mk, hs in teachers.items()}
+
+    def label_of(mk: MethodKey) -> str:
+        return mk.label(multi_exp, teacher_hashes.get(mk, ()))
+
+    source = "test metrics (results.json test)" if split == "test" else f"{which}.metrics"
     for r in placed:
         mk = _method_of(r, group_by)
         col = col_by_key[task_key(r.task)]
         cell = methods.setdefault(mk, {}).setdefault(col.key, Cell())
-        label = mk.label(multi_exp)
+        label = label_of(mk)
         if r.status == "completed":
-            v = col.metric.value(r.metrics(which))
+            v = col.metric.value(r.metrics(which, split))
             if v is None:
                 cell.no_metric += 1
-                have = ", ".join(sorted((r.metrics(which) or {}).keys())) or "none"
-                problems.append(
-                    Problem("no metric", label, col.header, r.seed, r.display_path,
-                            f"{which}.metrics lacks a finite {col.metric.name} (has: {have})")
-                )
+                if split == "test" and r.test is None:
+                    msg = "results.json has no test metrics (the task has no labelled test split)"
+                else:
+                    have = ", ".join(sorted((r.metrics(which, split) or {}).keys())) or "none"
+                    msg = f"{source} lacks a finite {col.metric.name} (has: {have})"
+                problems.append(Problem("no metric", label, col.header, r.seed, r.display_path, msg))
             else:
                 cell.values.append(v * col.scale)
                 cell.seeds.append(r.seed)
@@ -390,6 +416,10 @@ def build_table(
         elif r.status == "running":
             cell.running += 1
             problems.append(Problem("running", label, col.header, r.seed, r.display_path, "status is still 'running'"))
+        elif r.status == "interrupted":
+            cell.interrupted += 1
+            problems.append(Problem("interrupted", label, col.header, r.seed, r.display_path,
+                                    "stopped before the end; re-run the same command to resume"))
     for r in kept:
         if not r.identified:
             problems.append(Problem(r.status, None, None, r.seed, r.display_path, r.error or ""))
@@ -402,11 +432,17 @@ def build_table(
             dup = sorted(s for s, c in Counter(cell.seeds).items() if c > 1 and s is not None)
             if dup:
                 notes.append(
-                    f"{mk.label(multi_exp)}, {col_by_key[key].header}: several completed runs with seed "
+                    f"{label_of(mk)}, {col_by_key[key].header}: several completed runs with seed "
                     f"{', '.join(map(str, dup))} were averaged (use --group-by KEY to split them by a config key)"
                 )
 
     rows: list[Row] = []
+    if split == "test":
+        dev_refs = [r for r in references if "test" not in str(r.source.get("split", "")).lower()]
+        if dev_refs and fixed is None and columns:
+            notes.append("reference rows left out: their published numbers are not on the test split ("
+                         + ", ".join(r.short_cite for r in dev_refs) + ")")
+        references = [r for r in references if r not in dev_refs]
     if fixed is None:
         for ref in references:
             for rr in ref.rows:
@@ -421,7 +457,8 @@ def build_table(
                     rows.append(row)
     method_rows: dict[MethodKey, Row] = {}
     for mk in sorted(methods, key=MethodKey.sort_key):
-        row = Row(label=mk.label(multi_exp), kind="run", cells=methods[mk], method=mk)
+        row = Row(label=label_of(mk), kind="run", cells=methods[mk], method=mk,
+                  teachers=tuple(f"{mk.teacher_objective or '?'} {h}" for h in teacher_hashes.get(mk, ())))
         row.average, row.average_count = _row_average(row.cells, columns)
         rows.append(row)
         method_rows[mk] = row
@@ -442,15 +479,18 @@ def build_table(
 
     problems.sort(key=lambda p: (p.label or "~", p.task or "", p.seed if p.seed is not None else -1, p.path))
     if title is None:
+        shown = "test split, results.json test" if split == "test" else f"dev split, {which}.metrics"
         title = (
-            f"Diagnostics: {fixed.name} ({which}.metrics), mean ± std over seeds"
+            f"Diagnostics: {fixed.name} ({shown}), mean ± std over seeds"
             if fixed is not None
-            else f"Results ({which}.metrics), mean ± std over seeds"
+            else f"Results ({shown}), mean ± std over seeds"
         )
     return Table(
         title=title,
         name="main" if fixed is None else fixed.name,
         which=which,
+        split=split,
+        split_by=group_by,
         columns=columns,
         rows=rows,
         deltas=delta_rows,

@@ -7,6 +7,7 @@ the readable part names the run, ``<hash>`` is the hash of the resolved training
 * ``run_config.json``  the hashed config (``{"hash", "config"}``), written when the run claims the dir
 * ``results.json``     status (running -> completed | interrupted | failed) and numbers (``results``)
 * ``error.txt``        the failure message and traceback of a failed run
+* ``train_log.jsonl``, ``metrics.jsonl``, ``curves.png``  training and dev curves (``logs``)
 * ``.hydra/``          Hydra's config.yaml, hydra.yaml, overrides.yaml (written by cmiexp at claim time)
 * ``.lock``, ``.lock.owner``  the per-run lock and the pid/host holding it (``lock``)
 
@@ -16,6 +17,7 @@ the readable part names the run, ``<hash>`` is the hash of the resolved training
 from cmiexp.runs.identity import (IDENTITY_EXCLUDED_KEYS, config_hash, diff_configs, identity_config,
                                   run_id_resolver)
 from cmiexp.runs.lock import RunLock, RunLocked
+from cmiexp.runs.logs import CURVES, EVAL_LOG, TRAIN_LOG, read_curve
 from cmiexp.errors import RunRefused
 from cmiexp.runs.records import (RUN_CONFIG, append_index, check_resume_compatible,
                                  read_run_config, run_config_record, write_hydra_files, write_run_config)
@@ -24,7 +26,7 @@ from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, ResultsU
 
 __all__ = [
     "IDENTITY_EXCLUDED_KEYS", "config_hash", "diff_configs", "identity_config", "run_id_resolver",
-    "RunLock", "RunLocked", "RUN_CONFIG", "RunRefused", "append_index", "check_resume_compatible",
+    "CURVES", "EVAL_LOG", "TRAIN_LOG", "read_curve", "RunLock", "RunLocked", "RUN_CONFIG", "RunRefused", "append_index", "check_resume_compatible",
     "read_run_config", "run_config_record", "write_hydra_files", "write_run_config",
     "ERROR_FILE", "RESULTS", "SCHEMA", "STATUSES", "ResultsUnreadable", "load_results", "read_results",
     "record_failure", "results_path", "write_results",

@@ -36,14 +36,13 @@ from cmiexp.train.checkpoint import (
 from cmiexp.train.environment import peak_memory_mb, quiet_libraries
 from cmiexp.train.settings import check_config
 from cmiexp.train.evaluate import evaluate
+from cmiexp.runs.logs import EVAL_LOG as METRICS, TRAIN_LOG  # file names: the run-directory contract
 
 log = logging.getLogger("cmiexp")
 
 # Run directories whose results.json this process wrote: a failure may update only those, never
 # a result left by an earlier invocation (e.g. a checkpoint of another task in the same folder).
 STARTED_RUN_DIRS: set[str] = set()
-METRICS = "metrics.jsonl"
-TRAIN_LOG = "train_log.jsonl"  # training loss, lr and objective terms every trainer.log_every steps
 
 
 class Preempted(CmiexpError):
@@ -583,6 +582,9 @@ class Run:
         self._write_results(results)
         if acc.is_main_process:
             apply_retention(self.run_dir, str(t.get("checkpoint_retention", "weights")))
+            from cmiexp.report.curves import write_run_curves
+
+            write_run_curves(self.run_dir, primary)  # curves.png; a plotting failure only warns
         if acc.is_main_process:
             tracker.summary({f"best/{k}": v for k, v in state.best_metrics.items()}
                             | {f"final/{k}": v for k, v in last_metrics.items()}
