@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Sequence
 
 from cmiexp.errors import CmiexpError, ConfigError, DataError
-from cmiexp.report.collect import ReportInputError, collect_runs
+from cmiexp.report.collect import SPLITS, ReportInputError, collect_runs
 from cmiexp.report.references import ReferenceSet, default_references, load_reference
 from cmiexp.report.render import render_markdown, write_report
 from cmiexp.report.specs import MetricSpec, one_line, parse_metric_spec
-from cmiexp.report.tables import build_table
+from cmiexp.report.tables import build_table, select_records
 
 
 def _metric_override_arg(text: str) -> tuple[str, MetricSpec]:
@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  cmiexp-report outputs/runs/cmi_glue                       # rows split by every key that varies\n"
         "  cmiexp-report outputs/runs/cmi_glue --group-by trainer.lr # split by exactly this key\n"
         "  cmiexp-report outputs/runs/cmi_glue --average-over trainer.lr  # pool two lrs as replicates\n"
-        "  cmiexp-report outputs/runs/cmi_glue --extra-metric cmi --metric mrpc=f1",
+        "  cmiexp-report outputs/runs/cmi_glue --extra-metric cmi --metric mrpc=f1\n"
+        "  cmiexp-report outputs/runs/cot_mi --split test            # test accuracy of the selected checkpoint\n"
+        "  cmiexp-report outputs/runs/cmi_glue --html report.html     # one offline page: tables, curves, probes",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("paths", nargs="+", metavar="DIR", help="run directory, sweep directory or outputs/")
@@ -62,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--primary", action="store_true", help="use each task's primary_metric instead of the paper defaults")
     p.add_argument("--final", action="store_true", help="use final.metrics instead of best.metrics")
+    p.add_argument(
+        "--split", choices=SPLITS, default="dev",
+        help="dev: the dev metrics of each run (best or --final); test: the test metrics of the selected model "
+        "(results.json test, recorded by tasks with a labelled test split, e.g. the chain-of-thought tasks)",
+    )  # fmt: skip
+    p.add_argument(
+        "--html", metavar="OUT.html",
+        help="also write one self-contained HTML page: the tables, training curves per task and method, and "
+        "every probe's information plane (opens offline)",
+    )  # fmt: skip
     p.add_argument("--experiment", action="append", metavar="NAME", help="only this experiment (repeatable)")
     p.add_argument("--task", action="append", metavar="TASK", help="only this task, e.g. glue/rte or rte (repeatable)")
     p.add_argument(
@@ -98,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             refs = default_references() + [load_reference(f) for f in args.reference]
         common = dict(
             which="final" if args.final else "best",
+            split=args.split,
             experiments=args.experiment,
             tasks=args.task,
             group_by=None if args.group_by is None else tuple(args.group_by),
@@ -128,6 +141,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_report(tables, out_dir)
         except OSError as e:
             raise DataError(f"cannot write the report to {out_dir}: {one_line(e, 200)}") from e
+        if args.html:
+            from cmiexp.report.html import write_html
+
+            try:
+                # the same runs as the tables: the --experiment / --task filters apply to the figures too
+                write_html(tables, select_records(records, args.experiment, args.task), args.html,
+                           sources=args.paths)
+            except OSError as e:
+                raise DataError(f"cannot write --html {args.html}: {one_line(e, 200)}") from e
     except ReportInputError as e:
         print(f"cmiexp-report: error: {e}", file=sys.stderr)
         return 2
@@ -135,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cmiexp-report: error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(md)
-    print(f"cmiexp-report: wrote report.md, report.csv, report.tex to {out_dir}", file=sys.stderr)
+    print(f"cmiexp-report: wrote report.md, report.csv, report.tex to {out_dir}"
+          + (f" and {args.html}" if args.html else ""), file=sys.stderr)
     return 0
 

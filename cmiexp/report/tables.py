@@ -11,6 +11,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from cmiexp.errors import ConfigError
@@ -53,6 +54,7 @@ class Cell:
 
     values: list[float] = field(default_factory=list)
     seeds: list[int | None] = field(default_factory=list)
+    run_dirs: list[Path] = field(default_factory=list)  # the run behind each value (for its curves)
     failed: int = 0
     missing: int = 0
     running: int = 0
@@ -283,6 +285,23 @@ def _row_average(cells: Mapping[str, Cell], columns: Sequence[Column]) -> tuple[
     return math.fsum(means) / len(means), len(means)
 
 
+def select_records(records: Sequence[RunRecord], experiments: Sequence[str] | None = None,
+                   tasks: Sequence[str] | None = None) -> list[RunRecord]:
+    """The records that pass the ``--experiment`` / ``--task`` filters. Unidentified (corrupt, no
+    config) records cannot be filtered; they are kept so a broken file is always reported."""
+    wanted_exp = set(experiments) if experiments else None
+    wanted_tasks = {task_key(t) for t in tasks} | set(tasks) if tasks else None
+    kept = []
+    for r in records:
+        if r.identified:
+            if wanted_exp is not None and (r.experiment or "") not in wanted_exp:
+                continue
+            if wanted_tasks is not None and task_key(r.task) not in wanted_tasks and r.task not in wanted_tasks:
+                continue
+        kept.append(r)
+    return kept
+
+
 def build_table(
     records: Sequence[RunRecord],
     *,
@@ -328,18 +347,7 @@ def build_table(
         overrides[str(t)] = spec
     fixed = None if metric is None else (metric if isinstance(metric, MetricSpec) else parse_metric_spec(metric))
 
-    # Filters. Unidentified (corrupt, no config) records cannot be filtered; they are kept so
-    # a broken file is always reported.
-    wanted_exp = set(experiments) if experiments else None
-    wanted_tasks = {task_key(t) for t in tasks} | set(tasks) if tasks else None
-    kept = []
-    for r in records:
-        if r.identified:
-            if wanted_exp is not None and (r.experiment or "") not in wanted_exp:
-                continue
-            if wanted_tasks is not None and task_key(r.task) not in wanted_tasks and r.task not in wanted_tasks:
-                continue
-        kept.append(r)
+    kept = select_records(records, experiments, tasks)
     placed = [r for r in kept if r.identified]
 
     notes: list[str] = []
@@ -402,6 +410,7 @@ def build_table(
             else:
                 cell.values.append(v * col.scale)
                 cell.seeds.append(r.seed)
+                cell.run_dirs.append(r.run_dir)
                 if r.collapsed:
                     # Counted in the mean (it is a result), but marked: it is the majority-class rate.
                     cell.collapsed += 1
