@@ -82,6 +82,8 @@ def method_curves_png(runs_by_method: Mapping[str, Sequence[str | Path]], primar
             panels.append((name, bands))
     if not panels:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = _figure(len(panels))
     for ax, (name, bands) in zip(axes, panels):
         for label, b in bands.items():
@@ -92,6 +94,7 @@ def method_curves_png(runs_by_method: Mapping[str, Sequence[str | Path]], primar
                 ax.fill_between(b.steps, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
