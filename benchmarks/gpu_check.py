@@ -274,11 +274,22 @@ def check_fsdp_checkpoint(res: dict, model_dir: Path, a, s, work: Path) -> dict:
     state = model.state_dict()
     init = AutoModelForSequenceClassification.from_pretrained(model_dir).state_dict()
     moved = max(float((state[k].float() - init[k].float()).abs().max()) for k in state)
-    full_ckpt = Path(res["run_dir"]) / "checkpoint" / "latest" / "pytorch_model_fsdp.bin"
+    # best and latest hold the same (final) weights when the run evaluated once, at its end.
+    # Under FULL_STATE_DICT Accelerate writes latest's weights as pytorch_model_fsdp.bin (torch.save
+    # of tensors, read back with weights_only=True); without FSDP as model.safetensors.
+    latest_dir = Path(res["run_dir"]) / "checkpoint" / "latest"
     vs_latest = None
-    if full_ckpt.is_file():  # best and latest hold the same (final) weights with one evaluation
-        latest = torch.load(full_ckpt, map_location="cpu", weights_only=True)
-        vs_latest = max(float((state[k].float() - latest[k].float()).abs().max()) for k in latest if k in state)
+    if (latest_dir / "pytorch_model_fsdp.bin").is_file():
+        latest = torch.load(latest_dir / "pytorch_model_fsdp.bin", map_location="cpu", weights_only=True)
+    elif (latest_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        latest = load_file(str(latest_dir / "model.safetensors"))
+    else:
+        latest = {}
+    common = [k for k in latest if k in state]
+    if common:
+        vs_latest = max(float((state[k].float() - latest[k].float()).abs().max()) for k in common)
     task = load_task(OmegaConf.create(task_config(a, s, s["steps"] * s["batch"])))
     tok = load_tokenizer(str(best), OmegaConf.create({"padding_side": "right"}))
     (dev,) = [tokenize_split(d, task, tok, s["max_length"], str(work / "cache"), alias).remove_columns(["idx"])
@@ -428,6 +439,10 @@ def main(argv=None) -> int:
         else:
             rows.append(["cmiexp ce, FSDP2", "n/a", "n/a", "samples/s", "n/a", "n/a", "n/a",
                          "skipped: FSDP needs a GPU (Accelerate runs CPU processes unsharded)"])
+            # The checkpoint round trip of the FSDP row, run on the ce run's checkpoint/best so
+            # that the check itself is exercised on CPU (gpu_check.json "ce_checkpoint").
+            raw["ce_checkpoint"] = check_fsdp_checkpoint(ce, model_dir, a, s, work)
+            budget.done("checkpoint check")
 
     import transformers
 

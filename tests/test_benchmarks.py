@@ -104,6 +104,11 @@ def test_gpu_check_cpu_smoke_prints_one_table_with_finite_numbers(tmp_path):
         assert "skipped: needs 2 GPUs, found 0" in rows["cmiexp ce, 2 processes (DDP)"][-1]
         assert "skipped: FSDP needs a GPU" in rows[fsdp_rows[0]][-1]
         assert "bf16 dense peak unknown" in table
+        # The FSDP row's checkpoint round trip, exercised on the ce run's checkpoint/best.
+        ck = json.loads((tmp_path / "gpu_check.json").read_text())["ce_checkpoint"]
+        assert ck["vs_latest"] == 0.0 and ck["moved"] > 0 and ck["dev_rows"] > 0
+        assert ck["reload_loss"] == pytest.approx(ck["run_loss"], abs=1e-4)
+        assert ck["reload_accuracy"] == pytest.approx(ck["run_accuracy"], abs=1e-9)
 
     # The ratios are what the raw numbers give, recomputed here from results.json's own fields.
     raw = json.loads((tmp_path / "gpu_check.json").read_text())
