@@ -160,7 +160,9 @@ def _fsdp_worker(rank: int, world: int, port: int, env: dict, out_dir: str) -> N
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from cmiexp.train.distributed import fsdp_units
+    from accelerate.utils import DistributedType
+
+    from cmiexp.train.distributed import distributed_fields
 
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -170,9 +172,10 @@ def _fsdp_worker(rank: int, world: int, port: int, env: dict, out_dir: str) -> N
         plugin = FullyShardedDataParallelPlugin()
         # Everything fsdp2_prepare_model reads from an Accelerator (mixed precision off, no device mesh).
         stand_in = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), mixed_precision="no",
-                                   is_main_process=rank == 0, device=torch.device("cpu"), torch_device_mesh=None)
+                                   is_main_process=rank == 0, device=torch.device("cpu"), torch_device_mesh=None,
+                                   distributed_type=DistributedType.FSDP)
         model = fsdp2_prepare_model(stand_in, _tiny_bert())
-        units = fsdp_units(model)
+        fields = distributed_fields(stand_in, model)  # what results.json records for an FSDP run
         shard = GLOBAL_BATCH // world
         local = [{k: v[rank * shard:(rank + 1) * shard] for k, v in b.items()} for b in _batches()]
 
@@ -189,7 +192,7 @@ def _fsdp_worker(rank: int, world: int, port: int, env: dict, out_dir: str) -> N
         if rank == 0:
             model.save_pretrained(Path(out_dir) / "best", state_dict=full, safe_serialization=True)
             (Path(out_dir) / "fsdp.json").write_text(json.dumps(
-                {"losses": losses, "units": units, "world": dist.get_world_size(), "local_numel": sizes}))
+                {"losses": losses, "fields": fields, "world": dist.get_world_size(), "local_numel": sizes}))
     finally:
         dist.destroy_process_group()
 
@@ -213,7 +216,9 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process_and_its_checkpoint_load
     # FSDP was active on 2 processes: each BertLayer, the (untied) word embedding and the root are
     # units, and the parameters are split in two.
     assert rec["world"] == 2
-    assert sorted(rec["units"]) == sorted(["BertLayer", "BertLayer", "Embedding", "BertForSequenceClassification"])
+    assert rec["fields"] == {"distributed_type": "FSDP", "fsdp": {
+        "version": 2, "state_dict_type": "FULL_STATE_DICT", "num_units": 4,
+        "unit_classes": ["BertForSequenceClassification", "BertLayer", "Embedding"]}}
     reference = _tiny_bert()
     total = sum(p.numel() for p in reference.parameters())
     assert sum(rec["local_numel"]) == total and max(rec["local_numel"]) < 0.6 * total
