@@ -430,7 +430,8 @@ def main(argv=None) -> int:
             if not ok:
                 raise SystemExit(f"gpu_check: the FSDP checkpoint/best does not load back as the trained model: {ck}")
             budget.done('FSDP checkpoint check')
-            fs_sps = fs["num_train_samples"] / fs["train_s"] if fs["train_s"] > 0 else float("nan")
+            # max_steps stops this run inside its epoch: count the rows its steps consumed.
+            fs_sps = fs["global_step"] * batch * nproc / fs["train_s"] if fs["train_s"] > 0 else float("nan")
             rows.append([f"cmiexp ce, FSDP2 on {nproc} GPU(s)", fmt(fs["train_s"], ".2f"), fmt(fs_sps), "samples/s",
                          "n/a", fmt(fs.get("peak_memory_mb"), ".0f"), f"{ck['reload_loss']:.4f}",
                          f"{fsdp['num_units']} units ({', '.join(fsdp['unit_classes'])}), {s['fsdp_steps']} steps; "
