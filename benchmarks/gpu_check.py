@@ -471,4 +471,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from cmiexp.errors import CmiexpError
+
+    try:
+        sys.exit(main())
+    except CmiexpError as e:  # bad input (data folder, model files): one line, exit 1
+        print(f"gpu_check: error: {e}", file=sys.stderr)
+        sys.exit(1)
