@@ -38,3 +38,105 @@ def test_bench_flownib_quick_prints_ratio():
     m = re.search(r"speed-up loop/batched: critic training ([0-9.]+)x", out)
     assert m and float(m.group(1)) > 0
     assert "batched (all layers)" in out and "loop (one layer at a time)" in out
+
+
+# --------------------------------------------------------------------- benchmarks/gpu_check.sh
+GPU_CHECK_ROWS = ["HF Trainer ce (defaults)", "cmiexp ce", "cmiexp cmi_min", "FlowNIB batched (all layers)",
+                  "FlowNIB per-layer loop", "cmiexp ce, 2 processes (DDP)"]
+
+
+def _gpu_check_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_peak_table_matches_device_names_and_says_unknown_otherwise():
+    gc = _gpu_check_module()
+    assert gc.bf16_peak_tflops("NVIDIA H200") == 989.0
+    assert gc.bf16_peak_tflops("NVIDIA H200 NVL") == 835.0
+    assert gc.bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gc.bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert gc.bf16_peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gc.bf16_peak_tflops("NVIDIA L40S") == 362.0 and gc.bf16_peak_tflops("NVIDIA L4") == 121.0
+    assert gc.bf16_peak_tflops("NVIDIA GeForce RTX 3090") is None
+    # FLOPs of one example of length L: 6*N*L + 12*layers*d*L^2 + 6*N_head
+    assert gc.flops_per_example([10, 20], 1000, 7, 2, 4) == pytest.approx(
+        ((6 * 1000 * 10 + 12 * 2 * 4 * 100 + 42) + (6 * 1000 * 20 + 12 * 2 * 4 * 400 + 42)) / 2)
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_prints_one_table_with_finite_numbers(tmp_path):
+    import json
+    import math
+    import os
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from cmiexp.models.hub_configs import published_config
+
+    env = dict(os.environ, OUT=str(tmp_path))
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    table = (tmp_path / "gpu_check.md").read_text().strip()
+    assert table in proc.stdout  # the printed table is the one written to $OUT
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] != "check":
+            rows[cells[0]] = cells
+    fsdp_rows = [r for r in rows if r.startswith("cmiexp ce, FSDP2")]
+    assert list(rows)[:len(GPU_CHECK_ROWS)] == GPU_CHECK_ROWS and len(fsdp_rows) == 1 and len(rows) == 7
+    cuda = torch.cuda.is_available()
+    for name in GPU_CHECK_ROWS[:5]:
+        time_s, throughput, _unit, mfu, _peak, ratio = rows[name][1:7]
+        assert math.isfinite(float(time_s)) and float(time_s) > 0, name
+        assert math.isfinite(float(throughput)) and float(throughput) > 0, name
+        assert math.isfinite(float(ratio.rstrip("x%"))), name
+        if not cuda:
+            assert mfu == "n/a", name  # no peak for a CPU
+    if not cuda:
+        assert "skipped: needs 2 GPUs, found 0" in rows["cmiexp ce, 2 processes (DDP)"][-1]
+        assert "skipped: FSDP needs a GPU" in rows[fsdp_rows[0]][-1]
+        assert "bf16 dense peak unknown" in table
+        # The FSDP row's checkpoint round trip, exercised on the ce run's checkpoint/best.
+        ck = json.loads((tmp_path / "gpu_check.json").read_text())["ce_checkpoint"]
+        assert ck["vs_latest"] == 0.0 and ck["moved"] > 0 and ck["dev_rows"] > 0
+        assert ck["reload_loss"] == pytest.approx(ck["run_loss"], abs=1e-4)
+        assert ck["reload_accuracy"] == pytest.approx(ck["run_accuracy"], abs=1e-9)
+
+    # The ratios are what the raw numbers give, recomputed here from results.json's own fields.
+    raw = json.loads((tmp_path / "gpu_check.json").read_text())
+    hf = raw["trainer"]
+    ce, cmi = raw["cmiexp_ce"], raw["cmiexp_cmi_min"]
+    assert ce["distributed_type"] == "NO" and ce["num_processes"] == 1
+    rows_per_epoch = raw["settings"]["steps"] * raw["settings"]["batch"]
+    assert ce["num_train_samples"] == hf["rows"] == rows_per_epoch == len(hf["lengths"])
+    assert ce["global_step"] == cmi["global_step"] == raw["settings"]["steps"]
+    ce_s = ce["wall_time_s"] - ce["eval_time_s"] - ce["checkpoint_time_s"]
+    hf_sps, ce_sps = hf["samples"] / hf["train_s"], rows_per_epoch / ce_s
+    assert float(rows["cmiexp ce"][2]) == pytest.approx(ce_sps, abs=0.06)
+    assert float(rows["cmiexp ce"][6].rstrip("x")) == pytest.approx(ce_sps / hf_sps, abs=0.006)
+    cmi_s = cmi["wall_time_s"] - cmi["eval_time_s"] - cmi["checkpoint_time_s"]
+    assert float(rows["cmiexp cmi_min"][6].rstrip("%")) == pytest.approx(100 * (cmi_s / ce_s - 1), abs=0.06)
+    fl = raw["flownib"]
+    assert float(rows["FlowNIB per-layer loop"][6].rstrip("x")) == pytest.approx(fl["loop_s"] / fl["batched_s"], abs=6e-3)
+    assert fl["max_diff"] < 1e-3  # the two modes train the same critics
+
+    # FLOPs per example from an independent count of the same architecture's parameters.
+    config = published_config("bert-base-uncased")
+    for k, v in raw["settings"]["shape"].items():
+        setattr(config, k, v)
+    config.num_labels = 2
+    model = AutoModelForSequenceClassification.from_config(config)
+    n_layer = sum(p.numel() for p in model.bert.encoder.parameters())
+    n_head = sum(p.numel() for p in model.bert.pooler.parameters()) + sum(p.numel() for p in model.classifier.parameters())
+    assert hf["n_layer_params"] == n_layer and hf["n_head_params"] == n_head
+    layers, d = config.num_hidden_layers, config.hidden_size
+    expected = sum(6 * n_layer * L + 12 * layers * d * L * L + 6 * n_head for L in hf["lengths"]) / len(hf["lengths"])
+    assert raw["flops_per_example"] == pytest.approx(expected, rel=1e-9)

@@ -188,14 +188,19 @@ def apply_retention(run_dir: Path, retention: str) -> None:
 
 def save_best(accelerator, model, tokenizer, run_dir: Path, info: dict) -> None:
     """Export the current model as ``checkpoint/best`` (config, safetensors weights, tokenizer)."""
+    from cmiexp.train.distributed import uses_fsdp
+
     final = Path(run_dir) / "checkpoint" / BEST
     tmp = final.parent / f".{BEST}.tmp"
     accelerator.wait_for_everyone()
+    # Under FSDP each process holds a shard: gathering the full state dict (onto rank 0's CPU,
+    # FULL_STATE_DICT) is a collective every process joins; the weights then go out as safetensors.
+    full_state = accelerator.get_state_dict(model) if uses_fsdp(accelerator) else None
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+        unwrapped.save_pretrained(str(tmp), safe_serialization=True, state_dict=full_state)
         tokenizer.save_pretrained(str(tmp))
         atomic_write_json(tmp / "best_info.json", info)
         atomic_replace_dir(tmp, final)

@@ -33,6 +33,7 @@ from cmiexp.train.checkpoint import (
     save_best,
     save_training_state,
 )
+from cmiexp.train.distributed import check_fsdp_applied, distributed_fields
 from cmiexp.train.environment import peak_memory_mb, quiet_libraries
 from cmiexp.train.settings import check_config
 from cmiexp.train.evaluate import evaluate
@@ -283,6 +284,7 @@ class Run:
             # and identical for 1 and N processes.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
+        check_fsdp_applied(self.accelerator)  # an FSDP launch on CPU would silently run unsharded
         set_seed(int(self.cfg.seed))
 
     # ------------------------------------------------------------------ results
@@ -398,6 +400,7 @@ class Run:
         # Facts an objective learns while it is built (e.g. the objective/model of a KD teacher given
         # as a path) replace the config's values in results.json.
         results.update(getattr(objective, "result_fields", dict)())
+        results.update(distributed_fields(acc, model))  # distributed_type; under FSDP the wrapped units
 
         num_labels = int(getattr(self.task, "num_labels", 0))
         state = TrainerState(task=self.task.name, model=cfg.model.name, num_labels=num_labels)
