@@ -256,3 +256,47 @@ def test_help_info_cfg_from_a_read_only_folder(cmiexp_env, tmp_path):
     # nothing written where the command was typed (as root, chmod does not stop writes: check it)
     assert not list(ro.iterdir())
     assert not list(Path(cmiexp_env["CMIEXP_OUTPUT_DIR"]).iterdir())
+
+
+def test_progress_bar_with_live_loss_on_a_terminal(cmiexp_env, output_dir):
+    """On a terminal (a pty here) the bar is redrawn in place with loss=...; log lines still appear."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen([sys.executable, "-m", "cmiexp", "task.num_train=320", "task.num_eval=48",
+                             "trainer.max_steps=40", "trainer.batch_size=8"],
+                            env=cmiexp_env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 600)
+        if not ready:
+            proc.kill()
+            break
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    bars = [seg for seg in re.split(r"[\r\n]", text) if seg.startswith("train:")]
+    with_loss = [b for b in bars if re.search(r"loss=[0-9.e+-]+", b)]
+    assert with_loss and "40/40" in with_loss[-1], bars[-5:]
+    assert "\r" in text  # redrawn in place, not one line per update
+    assert not re.search(r"train step \d+/40", text)  # no plain progress lines on a terminal
+    assert "eval step 40:" in text and "run dir:" in text

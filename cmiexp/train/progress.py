@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 
@@ -26,6 +27,13 @@ def _is_terminal(stream) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # closed or replaced stream
         return False
+
+
+def _columns(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 class TrainProgress:
@@ -54,8 +62,10 @@ class TrainProgress:
 
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
-            self._bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, dynamic_ncols=True,
-                             mininterval=self.refresh_s)
+            # A terminal that reports no size (some web consoles, `script`) would get an empty bar.
+            width = dict(dynamic_ncols=True) if _columns(sys.stderr) > 0 else dict(ncols=100, nrows=24)
+            self._bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, mininterval=self.refresh_s,
+                             **width)
         return self
 
     def update(self, step: int, loss=None) -> None:
