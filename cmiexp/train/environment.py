@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 # Records marked ``extra={"file_only": True}`` (e.g. the plain-text copy of the end-of-run summary,
 # which the console shows as a rich table, or an error's traceback) are written to cmiexp.log only.
@@ -92,6 +93,12 @@ def route_library_logs() -> None:
     datasets.utils.logging.enable_propagation()
     datasets.utils.logging.set_verbosity_info()
     logging.getLogger("accelerate").setLevel(logging.INFO)
+    # Entry points that configure logging with basicConfig (python -m cmiexp.teachers, the CE-start
+    # subprocess of init_from) get the same console rule, so library INFO stays off their console.
+    for h in logging.getLogger().handlers:
+        if (type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stdout, sys.stderr)
+                and not any(isinstance(f, ConsoleFilter) for f in h.filters)):
+            h.addFilter(ConsoleFilter())
     # warnings.warn (FutureWarning, UserWarning, ...) as log records: shown once on the console and
     # kept in cmiexp.log.
     logging.captureWarnings(True)
