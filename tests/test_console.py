@@ -43,7 +43,7 @@ def test_summary_rows_run_dir_and_sync_hint_as_plain_text():
     text = summary_text(_results(wandb={"mode": "offline", "sync_dir": sync_dir}), width=80)
     lines = text.splitlines()
     assert not ANSI.search(text) and "\r" not in text
-    assert lines[0] == "glue/rte | tiny-bert | cmi_min | seed 0 | completed"
+    assert lines[0] == "glue/rte | tiny-bert | cmi_min | seed 0 | status completed"
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("|")]
     assert rows[0] == ["metric", "best (step 30)", "final (step 60)"]
     assert rows[2:] == [["accuracy *", "0.5", "0.47"], ["cmi", "8e-06", "1.2e-05"], ["loss", "0.6931", "0.7"]]
@@ -190,7 +190,7 @@ def test_t5_tiny_run_console_log_file_and_wandb_sync_hint(cmiexp_env, output_dir
         assert float(re.search(r"loss=([0-9.e+-]+)", m).group(1)) == pytest.approx(logged[step], rel=1e-3)
     # the summary: title, one row per metric with best and final as format_metric prints them
     lines = out.splitlines()
-    assert "tiny-t5 | ce | seed 0 | completed" in out
+    assert "tiny-t5 | ce | seed 0 | status completed" in out
     rows = {r[0].rstrip(" *"): r[1:] for r in
             ([c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("|"))}
     assert rows["metric"] == [f"best (step {res['best']['step']})", f"final (step {res['final']['step']})"]
@@ -300,3 +300,13 @@ def test_progress_bar_with_live_loss_on_a_terminal(cmiexp_env, output_dir):
     assert "\r" in text  # redrawn in place, not one line per update
     assert not re.search(r"train step \d+/40", text)  # no plain progress lines on a terminal
     assert "eval step 40:" in text and "run dir:" in text
+
+
+def test_log_lines_carry_no_escape_codes_off_a_terminal():
+    from cmiexp.train.environment import PlainFormatter
+
+    record = logging.LogRecord("transformers.modeling_utils", logging.WARNING, __file__, 1,
+                               "\x1b[1mX LOAD REPORT\x1b[0m from: /m", None, None)
+    assert PlainFormatter("%(levelname)s %(message)s").format(record) == "WARNING X LOAD REPORT from: /m"
+    # the console formatter keeps them only on a terminal (pytest's stdout is not one)
+    assert not ANSI.search(PlainFormatter("%(message)s", keep_on_terminal=True).format(record))

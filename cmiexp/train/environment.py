@@ -62,6 +62,22 @@ class ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or is_own_logger(record.name)
 
 
+class PlainFormatter(logging.Formatter):
+    """The usual format without ANSI escapes (some library messages carry bold or colour codes),
+    which a log file or a redirected console would show as garbage. ``keep_on_terminal``: keep them
+    when stdout is a terminal (the console handler)."""
+
+    def __init__(self, format=None, datefmt=None, keep_on_terminal: bool = False):  # noqa: A002 - dictConfig key
+        super().__init__(fmt=format, datefmt=datefmt)
+        self.keep_on_terminal = bool(keep_on_terminal)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.keep_on_terminal and getattr(sys.stdout, "isatty", lambda: False)():
+            return text
+        return _ANSI.sub("", text)
+
+
 class DropBenign(logging.Filter):
     """Drop the records ``is_benign(message)`` recognises (one known-benign message of one logger)."""
 
@@ -133,5 +149,5 @@ def peak_memory_mb(device) -> float:
         return float("nan")
 
 
-__all__ = ["FILE_ONLY", "ConsoleFilter", "DropBenign", "is_new_head_report", "is_shared_tensor_notice", "is_own_logger", "peak_memory_mb", "quiet_libraries",
+__all__ = ["FILE_ONLY", "ConsoleFilter", "PlainFormatter", "DropBenign", "is_new_head_report", "is_shared_tensor_notice", "is_own_logger", "peak_memory_mb", "quiet_libraries",
            "route_library_logs"]

@@ -80,7 +80,7 @@ def footer_lines(results: dict) -> list[str]:
 
 def title(results: dict) -> str:
     return (f"{results.get('task')} | {results.get('model')} | {results.get('objective')} | "
-            f"seed {results.get('seed')} | {results.get('status')}")
+            f"seed {results.get('seed')} | status {results.get('status')}")
 
 
 def build_table(results: dict, terminal: bool = True):
