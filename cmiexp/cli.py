@@ -20,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.config import CONF_DIR, register_resolvers
 from cmiexp.errors import CmiexpError
+from cmiexp.train.environment import FILE_ONLY
+from cmiexp.train.summary import format_metric, render_summary, summary_text  # noqa: F401 - format_metric kept importable here
 
 register_resolvers()
 log = logging.getLogger("cmiexp")
@@ -70,44 +72,9 @@ def describe_exception(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[:300]}{where}"
 
 
-def format_metric(v: float) -> str:
-    """Four decimals for ordinary values, four significant digits for small ones, so 8e-6 prints as
-    8e-06 and not as a misleading 0.0000; integers stay integers."""
-    if isinstance(v, bool) or (isinstance(v, int)):
-        return str(v)
-    if v != v or v in (float("inf"), float("-inf")):
-        return str(v)
-    if v == 0 or abs(v) >= 1e-3:
-        return f"{v:.4f}"
-    return f"{v:.4g}"
-
-
 def format_results_table(results: dict) -> str:
-    """A small end-of-run table: best and final dev metrics, plus cost."""
-    best = (results.get("best") or {}).get("metrics") or {}
-    final = (results.get("final") or {}).get("metrics") or {}
-    head = (f"{results.get('task')} | {results.get('model')} | {results.get('objective')} | seed {results.get('seed')}"
-            f" | status {results.get('status')}")
-    lines = [head, f"{'metric':<24}{'best':>12}{'final':>12}"]
-    skip = {"num_samples", "pred_counts"}
-    for k in [k for k in best if k not in skip] + [k for k in final if k not in best and k not in skip]:
-        def fmt(v):
-            return f"{format_metric(v):>12}" if isinstance(v, (int, float)) else f"{'-':>12}"
-        lines.append(f"{k:<24}{fmt(best.get(k))}{fmt(final.get(k))}")
-    if results.get("best"):
-        lines.append(f"best at step {results['best'].get('step')} (primary: {results.get('primary_metric')})")
-    if results.get("wall_time_s") is not None:
-        sps = results.get("train_samples_per_s")
-        lines.append(f"train time {results['wall_time_s']:.1f} s, {sps or 0:.1f} samples/s, "
-                     f"peak memory {results.get('peak_memory_mb', 0):.0f} MB")
-    if results.get("collapsed"):
-        hist = results.get("predicted_class_histogram") or {}
-        at = (results.get("collapsed_at") or ["best"])[0]
-        lines.append(f"COLLAPSED: the {' and '.join(results.get('collapsed_at') or [])} dev predictions are (nearly) "
-                     f"one class: {hist.get(at)}")
-    lines.append(f"run dir: {results.get('run_dir')}")
-    width = max(len(line) for line in lines)
-    return "\n".join(["=" * width, *lines, "=" * width])
+    """The end-of-run summary as plain text (cmiexp/train/summary.py draws it)."""
+    return summary_text(results)
 
 
 def _is_rank_zero() -> bool:
@@ -200,7 +167,9 @@ def _entry(cfg: DictConfig):
             lock.acquire()
         results = run_experiment(cfg, run_dir, on_claim=on_claim)
         if rank0:
-            print(format_results_table(results))
+            render_summary(results)
+            # The same summary in cmiexp.log (as text; the console already shows the table).
+            log.info("end of run:\n%s", summary_text(results).rstrip(), extra={FILE_ONLY: True})
         return objective_value(results) if value else results
     except Preempted as e:
         print(f"cmiexp: {e}", file=sys.stderr)
@@ -221,9 +190,8 @@ def _entry(cfg: DictConfig):
         if rank0:
             _record_failure(run_dir, cfg, msg, tb)
             recorded = True
-        for h in logging.getLogger().handlers:
-            if isinstance(h, logging.FileHandler):  # the log file keeps the traceback too
-                h.handle(logging.LogRecord("cmiexp", logging.ERROR, __file__, 0, "%s", (tb,), None))
+        # cmiexp.log keeps the error and its traceback; the console shows the one line below only.
+        log.error("error: %s\n%s", msg, tb.rstrip(), extra={FILE_ONLY: True})
         if verbose or isinstance(e, KeyboardInterrupt):
             raise
         hint = "" if isinstance(e, CmiexpError) else \
@@ -296,6 +264,44 @@ def check_output_dir(argv: list[str]) -> str | None:
     return None
 
 
+def one_line(e: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line: the unindented lines (the indented
+    ones repeat the key and object type) joined with '; '."""
+    lines = [ln.strip().rstrip(".") for ln in str(e).splitlines() if ln.strip() and not ln[:1].isspace()]
+    return "; ".join(lines) or type(e).__name__
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """One error line for overrides Hydra would reject (unknown key, bad syntax, wrong type).
+
+    Hydra reports these on several lines plus a hint about HYDRA_FULL_ERROR; composing the config
+    first (the first value of each sweep) gives the same verdict and lets us print one line. Runs
+    with other Hydra options (-cn, -cp, ...) are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return None
+    args = [a for a in argv if not a.startswith("-")]
+    if not args:
+        return None
+    try:
+        first = []
+        for o in OverridesParser.create().parse_overrides(args):
+            if o.is_sweep_override():
+                try:
+                    first.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+                except Exception:  # noqa: BLE001 - a sweep only its sweeper understands (interval())
+                    continue
+            else:
+                first.append(o.input_line)
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="config", overrides=first, return_hydra_config=True)
+    except Exception as e:  # noqa: BLE001 - Hydra's override and composition errors
+        return one_line(e)
+    return None
+
+
 def _wants_resolved_hydra_config(argv: list[str]) -> bool:
     for i, a in enumerate(argv[:-1]):
         if a in ("-c", "--cfg") and argv[i + 1] == "hydra":
@@ -318,7 +324,7 @@ def print_resolved_hydra_config(argv: list[str]) -> int:
         raw = OmegaConf.to_container(cfg.hydra, resolve=False)
         text = OmegaConf.to_yaml(_resolve_leaves(cfg, raw, "hydra"))
     except Exception as e:  # noqa: BLE001 - one line for a bad override, as for a run
-        print(f"cmiexp: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"cmiexp: error: {one_line(e)}", file=sys.stderr)
         return 1
     print(text, end="")
     return 0
@@ -356,6 +362,10 @@ def main() -> None:
         sys.exit(1)
     if _wants_resolved_hydra_config(argv):
         sys.exit(print_resolved_hydra_config(argv))
+    err = None if prints_only else check_overrides(argv)
+    if err:
+        print(f"cmiexp: error: {err}", file=sys.stderr)
+        sys.exit(1)
     _entry()
     if _failures:
         print(f"cmiexp: {len(_failures)} job(s) failed:", file=sys.stderr)

@@ -37,9 +37,9 @@ def test_end_of_run_table_never_prints_a_small_value_as_zero():
     from cmiexp.cli import format_metric, format_results_table
 
     assert [format_metric(v) for v in (0.94512, 8e-6, 0.0, 12, -3.2e-5, 0.00123)] == [
-        "0.9451", "8e-06", "0.0000", "12", "-3.2e-05", "0.0012"]
+        "0.9451", "8e-06", "0", "12", "-3.2e-05", "0.00123"]
     table = format_results_table({"task": "glue/rte", "model": "tiny-bert", "objective": "cmi_min", "seed": 0,
                                   "status": "completed", "best": {"metrics": {"accuracy": 0.5, "cmi": 8e-6}},
                                   "final": {"metrics": {"accuracy": 0.5, "cmi": 8e-6}}})
-    cmi_row = [ln for ln in table.splitlines() if ln.startswith("cmi")][0]
+    cmi_row = [ln for ln in table.splitlines() if ln.startswith("| cmi")][0]
     assert "8e-06" in cmi_row and "0.0000" not in cmi_row

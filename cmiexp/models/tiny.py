@@ -36,7 +36,8 @@ def _train_wordpiece(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_BERT_SPECIALS))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_BERT_SPECIALS,
+                                                                show_progress=False))
     return BertTokenizer(vocab=tok.get_vocab(), do_lower_case=True)
 
 
@@ -48,7 +49,7 @@ def _train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, specials: list[s
     tok.train_from_iterator(
         texts,
         trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
     )
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
@@ -62,7 +63,8 @@ def _train_unigram(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.train_from_iterator(
-        texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=_T5_SPECIALS, unk_token="<unk>")
+        texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=_T5_SPECIALS, unk_token="<unk>",
+                                show_progress=False)
     )
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
     return T5Tokenizer(vocab=vocab, extra_ids=0)

@@ -338,11 +338,11 @@ class Run:
 
     # ------------------------------------------------------------------ main
     def execute(self) -> dict:
-        from tqdm.auto import tqdm
-
         from cmiexp.metrics import METRIC_HIGHER_IS_BETTER
         from cmiexp.models.factory import count_parameters
         from cmiexp.objectives import TrainContext, build_objective
+        from cmiexp.train.progress import TrainProgress
+        from cmiexp.train.summary import format_metric
         from cmiexp.train.tracking import make_tracker
 
         quiet_libraries()
@@ -428,6 +428,7 @@ class Run:
 
         run_id = hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]  # stable across resumes
         tracker = make_tracker(cfg, config_dict, self.run_dir, run_id, acc.is_main_process)
+        results.update(tracker.result_fields())  # e.g. the W&B offline folder, for the summary's sync hint
         stop_after = t.get("stop_after_steps")
 
         overhead = {"eval_s": 0.0, "checkpoint_s": 0.0}  # excluded from the training throughput
@@ -463,7 +464,7 @@ class Run:
                 append_jsonl(self.run_dir / METRICS, record)
                 tracker.log(record, state.global_step)
                 log.info("eval step %d: %s", state.global_step,
-                         ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+                         ", ".join(f"{k}={format_metric(v)}" for k, v in metrics.items() if isinstance(v, float)))
             return metrics
 
         self.stop.install()
@@ -473,8 +474,8 @@ class Run:
         last_metrics: dict = {}
         running_loss, running_n = 0.0, 0
         interrupted = False
-        pbar = tqdm(total=total_steps, initial=state.global_step, desc="train",
-                    disable=not (acc.is_local_main_process and t.progress_bar), dynamic_ncols=True)
+        pbar = TrainProgress(total_steps, state.global_step,
+                             enabled=acc.is_local_main_process and bool(t.progress_bar)).start()
         try:
             model.train()
             while state.epoch < num_epochs and state.global_step < total_steps:
@@ -513,13 +514,12 @@ class Run:
                     state.global_step += 1
                     ctx.global_step = state.global_step
                     objective.after_step(ctx)
-                    pbar.update(1)
+                    pbar.update(state.global_step, loss)
                     if state.global_step % int(t.log_every) == 0 and acc.is_main_process:
                         rec = {"train/loss": running_loss / max(running_n, 1), "train/lr": scheduler.get_last_lr()[0],
                                **{f"train/{k}": v for k, v in extra.items()}}
                         tracker.log(rec, state.global_step)
                         append_jsonl(self.run_dir / TRAIN_LOG, {"step": state.global_step, **rec})
-                        pbar.set_postfix(loss=f"{rec['train/loss']:.4f}")
                         running_loss, running_n = 0.0, 0
                     if eval_every and state.global_step % eval_every == 0:
                         last_metrics = do_eval(False)

@@ -34,6 +34,9 @@ class NullTracker:
     def finish(self) -> None:
         pass
 
+    def result_fields(self) -> dict:
+        return {}
+
 
 def wandb_has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -83,6 +86,17 @@ class WandbTracker:
 
     def finish(self) -> None:
         self.run.finish()
+
+    def result_fields(self) -> dict:
+        """Where this run's W&B data is, for results.json and the end-of-run summary: the offline
+        run folder ``wandb sync`` takes (offline mode) or the run's page (online)."""
+        offline = bool(getattr(self.run, "offline", self.mode != "online"))
+        info = {"mode": "offline" if offline else "online"}
+        if offline:
+            info["sync_dir"] = str(self.run.settings.sync_dir)
+        else:
+            info["url"] = self.run.url
+        return {"wandb": info}
 
 
 def make_tracker(cfg, config_dict: dict, run_dir, run_id: str, is_main_process: bool):
