@@ -83,7 +83,7 @@ def test_kd_loss_fp32_from_half_logits_and_teacher_gets_no_gradient():
 # Teacher configs, hashing and the idx lookup (no training)
 # ---------------------------------------------------------------------------------------------
 def test_split_teacher_config():
-    from cmiexp.teachers import split_teacher_config
+    from cmiexp.objectives.kd.teacher import split_teacher_config
 
     groups, values = split_teacher_config(
         {"objective": {"name": "mcmi", "lam": 0.2}, "model": "tiny-bert", "trainer": {"epochs": 1}, "seed": 3})
@@ -102,7 +102,7 @@ def _student(*extra):
 def _teacher_dir(student):
     from omegaconf import OmegaConf
 
-    from cmiexp.teachers import compose_teacher_config, teacher_dir
+    from cmiexp.objectives.kd.teacher import compose_teacher_config, teacher_dir
 
     return teacher_dir(compose_teacher_config(student, OmegaConf.to_container(student.objective.teacher_config)))
 
@@ -121,7 +121,7 @@ def test_teacher_dir_is_a_hash_of_what_the_teacher_trains():
 
 
 def test_teacher_config_errors_name_the_key():
-    from cmiexp.teachers import compose_teacher_config
+    from cmiexp.objectives.kd.teacher import compose_teacher_config
 
     s = _student()
     with pytest.raises(ConfigError, match="objective.teacher_config.trainer.epochz"):
@@ -130,18 +130,8 @@ def test_teacher_config_errors_name_the_key():
         compose_teacher_config(s, {"objective": "nope"})
 
 
-def test_untrained_teacher_in_a_multi_process_run_is_refused():
-    from omegaconf import OmegaConf
-
-    from cmiexp.teachers import ensure_teacher
-
-    s = _student()
-    with pytest.raises(ConfigError, match="python -m cmiexp.teachers"):
-        ensure_teacher(s, OmegaConf.to_container(s.objective.teacher_config), num_processes=2)
-
-
 def test_logit_cache_lookup_by_idx():
-    from cmiexp.teachers import LogitCache, index_map
+    from cmiexp.objectives.kd.logit_cache import LogitCache, index_map
 
     cache = LogitCache(torch.tensor([7, 2, 5]), torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
     assert cache(torch.tensor([5, 7, 2, 7])).tolist() == [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0], [0.0, 1.0]]
@@ -163,7 +153,7 @@ def _fake_checkpoint(path: Path, num_labels: int, id2label=None, problem_type=No
 
 
 def test_incompatible_checkpoints_are_refused(tmp_path):
-    from cmiexp.teachers import check_compatible, load_teacher_info
+    from cmiexp.objectives.kd.teacher import check_compatible, load_teacher_info
 
     rte = SimpleNamespace(name="glue/rte", num_labels=2, is_regression=False,
                           label_names=["entailment", "not_entailment"])
@@ -185,7 +175,7 @@ def test_incompatible_checkpoints_are_refused(tmp_path):
 
 
 def test_regression_teacher_must_share_the_target_scale(tmp_path):
-    from cmiexp.teachers import check_compatible, load_teacher_info
+    from cmiexp.objectives.kd.teacher import check_compatible, load_teacher_info
 
     run = tmp_path / "run"
     _fake_checkpoint(run / "checkpoint" / "best", 1, {"0": "score"}, "regression")
