@@ -246,6 +246,7 @@ def test_teacher_is_trained_once_and_reused(kd_runs):
     assert s0["teacher"]["source"] == "trained" and s0["cache_built"] is True and s0["cache_build_s"] > 0
     assert s1["teacher"]["source"] == "reused" and s1["cache_built"] is False
     assert s1["cache_file"] == s0["cache_file"] == str(kd_runs["cache"])
+    assert kd_runs["cache"].parent == teacher / "kd_cache"  # the cache lives with the teacher
     # The second student touched neither the teacher nor its logit cache.
     assert {p: p.stat().st_mtime_ns for p in kd_runs["stamps"]} == kd_runs["stamps"]
     from safetensors.torch import load_file
@@ -268,6 +269,12 @@ def test_cached_teacher_matches_online_teacher(kd_runs):
     assert online["objective_summary"]["teacher_s_per_epoch"] > 0
     # Teacher objective/model of a path teacher are read from its run (not from the config).
     assert (online["teacher_objective"], online["teacher_model"]) == ("ce", "tiny-bert")
+    # A path teacher and the same teacher given as a config are named alike (results.json and folder).
+    teacher = kd_runs["teacher"]
+    named = {"objective": "ce", "hash": teacher.name[:8], "run_dir": str(teacher.resolve())}
+    assert online["teacher"] == cached["teacher"] == named
+    path_cfg = compose_config([*kd_runs["common"], f"objective.teacher={teacher}"], return_hydra_config=True)
+    assert str(path_cfg.hydra.run.dir).endswith(f"-from-ce-{teacher.name[:8]}")
     a, b = cached["best"]["metrics"], online["best"]["metrics"]
     assert a["accuracy"] == b["accuracy"] and a["num_samples"] == b["num_samples"] == 64
     for k in a:
