@@ -179,3 +179,41 @@ def test_two_concurrent_students_wait_on_the_lock_and_train_the_teacher_once(tmp
     for r in results:
         assert r["teacher"] == {"objective": "ce", "hash": teacher.name[:8], "run_dir": str(teacher.resolve())}
         assert Path(r["run_dir"]).name.endswith(f"-from-ce-{teacher.name[:8]}"), r["run_dir"]
+
+
+@pytest.mark.slow
+def test_two_process_student_trains_its_teacher_once_and_matches_one_process(tmp_path, cmiexp_env, cache_dir):
+    """torchrun (gloo, 2 ranks): both ranks ask for the missing teacher, one trains it (in its own
+    process), the other waits on the lock; the logit cache rank 0 builds equals a one-process build,
+    and the student matches a one-process student (same global batch)."""
+    from safetensors.torch import load_file
+
+    env = dict(cmiexp_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    teachers = tmp_path / "teachers"
+    common = [o for o in _student_overrides(tmp_path) if not o.startswith(("paths.output_dir", "trainer.batch_size"))]
+    common += [f"paths.teachers_dir={teachers}", f"paths.cache_dir={cache_dir}", "model.dropout=0.0", "seed=3"]
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "cmiexp", *common, f"paths.output_dir={tmp_path / 'multi'}", "trainer.batch_size=8"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    (teacher,) = sorted(p.parent for p in teachers.rglob("results.json"))
+    m = json.loads(next((tmp_path / "multi" / "runs").rglob("results.json")).read_text())
+    assert m["num_processes"] == 2 and m["objective_summary"]["teacher"]["source"] == "trained"
+    assert m["teacher"]["hash"] == teacher.name[:8] and Path(m["run_dir"]).name.endswith(f"-from-ce-{teacher.name[:8]}")
+    cache = Path(m["objective_summary"]["cache_file"])
+    assert cache.parent == teacher / "kd_cache"
+    built_by_two = load_file(str(cache))
+    cache.unlink()  # the one-process student rebuilds it
+    stamp = (teacher / "results.json").stat().st_mtime_ns
+    single = subprocess.run([sys.executable, "-m", "cmiexp", *common, f"paths.output_dir={tmp_path / 'single'}",
+                             "trainer.batch_size=16"], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+    s = json.loads(next((tmp_path / "single" / "runs").rglob("results.json")).read_text())
+    assert s["objective_summary"]["teacher"]["source"] == "reused" and s["objective_summary"]["cache_built"] is True
+    assert (teacher / "results.json").stat().st_mtime_ns == stamp  # the teacher was not retrained
+    built_by_one = load_file(str(cache))
+    assert built_by_one["idx"].tolist() == built_by_two["idx"].tolist() and len(built_by_one["idx"]) == 48
+    assert (built_by_one["logits"] - built_by_two["logits"]).abs().max().item() < 1e-6
+    assert s["global_step"] == m["global_step"] == 3
+    for k in ("loss", "accuracy"):
+        assert m["final"]["metrics"][k] == pytest.approx(s["final"]["metrics"][k], abs=2e-4), k

@@ -50,8 +50,9 @@ CHILD_MODULE = "cmiexp.train.run_resolved"
 #: Files that make ``checkpoint/best`` a loadable model: a transformers config, or a prompt head's.
 CHECKPOINT_MARKERS = ("config.json", "cmiexp_head.json")
 #: Environment of a distributed launch: the child trains as one plain process.
-DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-            "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "GROUP_WORLD_SIZE",
+            "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+DIST_ENV_PREFIXES = ("ACCELERATE_", "TORCHELASTIC_")
 
 
 @dataclass
@@ -115,7 +116,7 @@ def finished_run(d: str | os.PathLike) -> bool:
 
 def child_env() -> dict:
     """This process's environment minus a distributed launch's variables (the child is one process)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("ACCELERATE_")}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith(DIST_ENV_PREFIXES)}
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

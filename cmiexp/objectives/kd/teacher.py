@@ -21,6 +21,7 @@ Command line (trains, or finds, the teacher of a KD config and prints its folder
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -353,26 +354,29 @@ def student_teacher_record(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-_TAGS: dict[str, str] = {}
-
-
 def teacher_tag_resolver(*, _root_: DictConfig) -> str:
     """``${cmiexp_teacher_tag:}`` in hydra.run.dir: ``-from-<teacher objective>-<hash8>`` for a KD
     student, empty for every other run."""
     objective = _root_.get("objective") or {}
     if objective.get("name") != "kd":
         return ""
-    # Composing a teacher config takes a moment and Hydra resolves the run directory more than once.
     parts = {k: OmegaConf.to_container(_root_[k], resolve=True) for k in ("objective", "task", "paths", "trainer")
              if k in _root_}
     key = json.dumps(parts, sort_keys=True, default=str)
-    if key not in _TAGS:
-        try:
-            rec = student_teacher_record(_root_)
-        except CmiexpError:
-            rec = None  # a bad teacher: the run fails before training with the one-line error
-        _TAGS[key] = teacher_folder_suffix(rec["objective"], rec["hash"]) if rec else ""
-    return _TAGS[key]
+    if objective.get("teacher_config") is None:
+        return _teacher_tag.__wrapped__(key)  # a path teacher: read from disk each time (it may change)
+    return _teacher_tag(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _teacher_tag(parts_json: str) -> str:
+    # Keyed by the config parts that decide the teacher: composing a teacher config takes a moment,
+    # and Hydra resolves the run directory more than once per job.
+    try:
+        rec = student_teacher_record(OmegaConf.create(json.loads(parts_json)))
+    except Exception:  # noqa: BLE001 - naming a folder must not fail; the run reports a bad teacher in one line
+        rec = None
+    return teacher_folder_suffix(rec["objective"], rec["hash"]) if rec else ""
 
 
 # ---------------------------------------------------------------------------------------------
