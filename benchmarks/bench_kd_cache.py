@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from cmiexp.teachers import ensure_teacher
+    from cmiexp.objectives.kd.teacher import ensure_teacher
     from cmiexp.train.runner import run_experiment
 
     torch.set_num_threads(args.threads)

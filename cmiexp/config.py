@@ -25,6 +25,16 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("cmiexp_run_id"):
         OmegaConf.register_new_resolver("cmiexp_run_id", run_id_resolver)
+    # ${cmiexp_teacher_tag:} after it: "-from-<teacher objective>-<hash8>" for a KD student, "" otherwise.
+    if not OmegaConf.has_resolver("cmiexp_teacher_tag"):
+        OmegaConf.register_new_resolver("cmiexp_teacher_tag", _teacher_tag)
+
+
+def _teacher_tag(*, _root_) -> str:
+    # Imported when first used: the KD package loads torch, which resolving other runs' names does not need.
+    from cmiexp.objectives.kd.teacher import teacher_tag_resolver
+
+    return teacher_tag_resolver(_root_=_root_)
 
 
 register_resolvers()

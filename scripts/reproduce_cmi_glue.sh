@@ -2,50 +2,34 @@
 # Reproduce the CMI-constrained fine-tuning table: BERT-base fine-tuned with plain CE (objective=ce)
 # and with CMI-constrained learning (objective=cmi_min) on the 8 GLUE classification tasks, 3 seeds,
 # then print the table (cmiexp-report; also written as Markdown, CSV and LaTeX under OUT/reports/cmi_glue).
-#
-#   scripts/reproduce_cmi_glue.sh                 # the full grid (8 tasks x 2 objectives x 3 seeds = 48 runs)
-#   scripts/reproduce_cmi_glue.sh --smoke         # offline, ~2 minutes: tiny-bert, 2 local GLUE tasks, 2 seeds
-#   scripts/reproduce_cmi_glue.sh --mini          # offline mini reproduction (README): tiny-bert, SST-2, MRPC,
-#                                                 # RTE, CoLA x 3 seeds, 2000 rows, 3 epochs; + dev CMI table
-#
-# Options:
-#   --smoke           tiny model, ../shared/data/glue, small subsets, 3 short epochs (same configs end to end)
-#   --mini            as --smoke with larger subsets and 4 tasks x 3 seeds (out: outputs/mini)
-#   --out DIR         output folder (default: $CMIEXP_OUTPUT_DIR, else outputs/; outputs/smoke with --smoke)
-#   --tasks LIST      comma-separated GLUE tasks (default: cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli; smoke: sst2,rte)
-#   --seeds LIST      comma-separated seeds (default: 1,2,3; smoke: 1,2)
-#   --dry-run         print the commands instead of running them
-#   -- OVERRIDES...   extra Hydra overrides for every run (e.g. -- trainer.mixed_precision=bf16)
-# Environment: GLUE_DIR=/path/to/glue_data (standard GLUE layout) reads local data instead of the hub;
-# CMIEXP / CMIEXP_REPORT override the commands (default: cmiexp / cmiexp-report).
-# Re-running the same command resumes unfinished runs and skips finished ones.
+# Options: see --help (scripts/lib/args.sh, shared by every reproduction script).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-smoke=0 mini=0 dry=0 out="" tasks="" seeds=""
-extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --smoke) smoke=1 ;;
-    --mini) smoke=1 mini=1 ;;
-    --dry-run) dry=1 ;;
-    --out) out="$2"; shift ;;
-    --tasks) tasks="$2"; shift ;;
-    --seeds) seeds="$2"; shift ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    *) echo "reproduce_cmi_glue.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+SCRIPT_NAME=reproduce_cmi_glue.sh
+SCRIPT_HELP='Reproduce the CMI-constrained fine-tuning table (objective=ce vs cmi_min, experiment=cmi_glue).
 
-read -r -a CMIEXP_CMD <<< "${CMIEXP:-cmiexp}"
-read -r -a REPORT_CMD <<< "${CMIEXP_REPORT:-cmiexp-report}"
+  scripts/reproduce_cmi_glue.sh                 # the full grid (8 tasks x 2 objectives x 3 seeds = 48 runs)
+  scripts/reproduce_cmi_glue.sh --smoke         # offline, ~2 minutes: tiny-bert, 2 local GLUE tasks, 2 seeds
+  scripts/reproduce_cmi_glue.sh --mini          # offline mini reproduction (README): tiny-bert, SST-2, MRPC,
+                                                # RTE, CoLA x 3 seeds, 2000 rows, 3 epochs; + dev CMI table
+Defaults: tasks cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli (smoke: sst2,rte; mini: sst2,mrpc,rte,cola; family glue),
+seeds 1,2,3 (smoke: 1,2). GLUE_DIR=/path/to/glue_data (standard GLUE layout) reads local data instead of the hub.
+Re-running the same command resumes unfinished runs and skips finished ones.'
+SCRIPT_FLAGS=(--mini)
+SCRIPT_VALUES=()
+SCRIPT_OPTIONS_HELP='  --mini            as --smoke with larger subsets and 4 tasks x 3 seeds (out: <out>/mini)'
+opt_mini=0
+source "$here/lib/args.sh"
+repro_parse_args "$@"
+mini=$opt_mini
+[[ $mini == 1 ]] && smoke=1
+
 overrides=()
 report_extra=()
 if [[ $mini == 1 ]]; then
-  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/mini}"
+  repro_out mini
   tasks="${tasks:-sst2,mrpc,rte,cola}"
   seeds="${seeds:-1,2,3}"
   glue_dir="${GLUE_DIR:-$repo/../shared/data/glue}"
@@ -53,7 +37,7 @@ if [[ $mini == 1 ]]; then
               task.max_length=64 trainer.epochs=3 trainer.progress_bar=false)
   report_extra=(--extra-metric cmi)
 elif [[ $smoke == 1 ]]; then
-  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/smoke}"
+  repro_out smoke
   tasks="${tasks:-sst2,rte}"
   seeds="${seeds:-1,2}"
   glue_dir="${GLUE_DIR:-$repo/../shared/data/glue}"
@@ -62,28 +46,19 @@ elif [[ $smoke == 1 ]]; then
   overrides+=(model=tiny-bert "task.data_dir=$glue_dir" task.max_train_samples=1000 task.max_eval_samples=200
               task.max_length=48 trainer.epochs=3 trainer.progress_bar=false)
 else
-  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}}"
+  repro_out
   tasks="${tasks:-cola,sst2,mrpc,qqp,mnli,qnli,rte,wnli}"
   seeds="${seeds:-1,2,3}"
   if [[ -n "${GLUE_DIR:-}" ]]; then overrides+=("task.data_dir=$GLUE_DIR"); fi
 fi
-out="$(realpath -m "$out")"
-task_list="$(echo "$tasks" | sed -E 's#(^|,)#\1glue/#g')"
+task_list="$(repro_tasks glue "$tasks")"
 
 sweep=("${CMIEXP_CMD[@]}" -m experiment=cmi_glue "task=$task_list" objective=ce,cmi_min "seed=$seeds"
        "paths.output_dir=$out" "${overrides[@]}" "${extra[@]}")
 report=("${REPORT_CMD[@]}" "$out/runs/cmi_glue" --experiment cmi_glue --out "$out/reports/cmi_glue" "${report_extra[@]}")
 
-if [[ $dry == 1 ]]; then
-  printf '%q ' "${sweep[@]}"; echo
-  printf '%q ' "${report[@]}"; echo
-  exit 0
-fi
-mkdir -p "$out"
-echo "== cmi_glue: ${sweep[*]}"
-status=0
-"${sweep[@]}" || status=$?
+[[ $dry == 1 ]] || mkdir -p "$out"
+repro_run cmi_glue "${sweep[@]}"
 # The report marks failed or missing runs, so it is written even when some runs failed.
-echo "== report: ${report[*]}"
-"${report[@]}"
-exit "$status"
+repro_run report "${report[@]}"
+exit "$repro_status"

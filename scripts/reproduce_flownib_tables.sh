@@ -1,61 +1,61 @@
 #!/usr/bin/env bash
 # Reproduce the FlowNIB paper's fine-tuning tables (Kowsher et al., "FlowNIB: An Information Bottleneck Analysis of
-# Bidirectional vs. Unidirectional Language Models"):
-#   Table 2  classification: 9 tasks x encoders/decoders, head=pooling vs head=masking (encoders) / head=generation
-#            (decoders), RoCoFT column rank 3 (experiment=flownib_cls)
-#   Table 3  regression: STS-B, SICK, WASSA-2017, LCP, CRP, Humicroedit, same grid (experiment=flownib_reg)
-#   probes   average OIC per model and head: every completed run is probed (objective=flownib)
-# then cmiexp-report (Markdown, CSV and LaTeX under OUT/reports/flownib_{cls,reg,probe}; rows split by head).
-#
-#   scripts/reproduce_flownib_tables.sh              # the full grid (needs the hub or local data, and GPUs)
-#   scripts/reproduce_flownib_tables.sh --smoke      # offline, minutes: tiny-bert + tiny-gpt2 on ../shared RTE and STS-B
-#
-# Options:
-#   --smoke            tiny models, ../shared/data/glue RTE (Table 2) and STS-B (Table 3), a few steps, 1 seed
-#   --out DIR          output folder (default: $CMIEXP_OUTPUT_DIR, else outputs/; outputs/smoke with --smoke)
-#   --tables LIST      cls,reg (default: both)
-#   --cls-tasks LIST   default: glue/cola,glue/sst2,glue/mrpc,glue/qnli,glue/rte,glue/mnli,cls/boolq,cls/hellaswag,cls/siqa
-#   --reg-tasks LIST   default: glue/stsb,reg/sick,reg/wassa,reg/lcp,reg/crp,reg/humicroedit
-#   --encoders LIST    default: roberta-base,roberta-large,deberta-v3-base,deberta-v3-large,modernbert-base,modernbert-large
-#   --decoders LIST    default: gpt2-medium,gpt2-large,smollm2-135m,smollm2-360m,mobilellm-125m,mobilellm-350m,mobilellm-600m
-#   --seeds LIST       default: 1,2,3 (smoke: 1)
-#   --dry-run          print the commands instead of running them
-#   -- OVERRIDES...    extra Hydra overrides for every run (e.g. -- trainer.mixed_precision=bf16)
-# Environment: GLUE_DIR=/path/to/glue_data (standard GLUE layout) reads local GLUE data instead of the hub;
-# DATA_DIR=/path/with/<dataset>/ folders (sick, wassa, lcp, crp, humicroedit, boolq, hellaswag, siqa) reads local copies
-# of the other tasks (WASSA-2017 and CRP have no standard hub copy and need them);
-# CMIEXP / CMIEXP_REPORT override the commands (default: cmiexp / cmiexp-report).
-# Re-running the same command resumes unfinished runs and skips finished ones.
+# Bidirectional vs. Unidirectional Language Models"): Table 2 (classification), Table 3 (regression) and the
+# average-OIC probes, then cmiexp-report (Markdown, CSV and LaTeX under OUT/reports/flownib_{cls,reg,probe}).
+# Options: see --help (scripts/lib/args.sh, shared by every reproduction script).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-smoke=0 dry=0 out="" tables="cls,reg" seeds="" cls_tasks="" reg_tasks="" encoders="" decoders=""
-extra=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --smoke) smoke=1 ;;
-    --dry-run) dry=1 ;;
-    --out) out="$2"; shift ;;
-    --tables) tables="$2"; shift ;;
-    --cls-tasks) cls_tasks="$2"; shift ;;
-    --reg-tasks) reg_tasks="$2"; shift ;;
-    --encoders) encoders="$2"; shift ;;
-    --decoders) decoders="$2"; shift ;;
-    --seeds) seeds="$2"; shift ;;
-    --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
-    *) echo "reproduce_flownib_tables.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
+SCRIPT_NAME=reproduce_flownib_tables.sh
+SCRIPT_HELP='Reproduce the FlowNIB fine-tuning tables and probes (experiments flownib_cls, flownib_reg, flownib_probe).
 
-read -r -a CMIEXP_CMD <<< "${CMIEXP:-cmiexp}"
-read -r -a REPORT_CMD <<< "${CMIEXP_REPORT:-cmiexp-report}"
+  Table 2  classification: 9 tasks x encoders/decoders, head=pooling vs head=masking (encoders) / head=generation
+           (decoders), RoCoFT column rank 3 (experiment=flownib_cls)
+  Table 3  regression: STS-B, SICK, WASSA-2017, LCP, CRP, Humicroedit, same grid (experiment=flownib_reg)
+  probes   average OIC per model and head: every completed run is probed (objective=flownib)
+
+  scripts/reproduce_flownib_tables.sh              # the full grid (needs the hub or local data, and GPUs)
+  scripts/reproduce_flownib_tables.sh --smoke      # offline, minutes: tiny-bert + tiny-gpt2 on ../shared RTE and STS-B
+Defaults: seeds 1,2,3 (smoke: 1); tasks: those of --cls-tasks and --reg-tasks below. --tasks replaces both:
+glue/stsb and reg/* go to Table 3, every other task to Table 2 (a name without "/" is a GLUE task).
+The probe step gets the overrides after -- too; --dry-run prints the training and report commands (the probe
+commands depend on which runs completed).
+GLUE_DIR=/path/to/glue_data (standard GLUE layout) reads local GLUE data instead of the hub;
+DATA_DIR=/path/with/<dataset>/ folders (sick, wassa, lcp, crp, humicroedit, boolq, hellaswag, siqa) reads local
+copies of the other tasks (WASSA-2017 and CRP have no standard hub copy and need them).
+Re-running the same command resumes unfinished runs and skips finished ones.'
+SCRIPT_FLAGS=()
+SCRIPT_VALUES=(--tables --cls-tasks --reg-tasks --encoders --decoders)
+SCRIPT_OPTIONS_HELP='  --tables LIST      cls,reg (default: both)
+  --cls-tasks LIST   default: glue/cola,glue/sst2,glue/mrpc,glue/qnli,glue/rte,glue/mnli,cls/boolq,cls/hellaswag,cls/siqa
+                     (smoke: glue/rte)
+  --reg-tasks LIST   default: glue/stsb,reg/sick,reg/wassa,reg/lcp,reg/crp,reg/humicroedit (smoke: glue/stsb)
+  --encoders LIST    default: roberta-base,roberta-large,deberta-v3-base,deberta-v3-large,modernbert-base,modernbert-large
+  --decoders LIST    default: gpt2-medium,gpt2-large,smollm2-135m,smollm2-360m,mobilellm-125m,mobilellm-350m,mobilellm-600m'
+opt_tables="cls,reg" opt_cls_tasks="" opt_reg_tasks="" opt_encoders="" opt_decoders=""
+source "$here/lib/args.sh"
+repro_parse_args "$@"
+tables=$opt_tables cls_tasks=$opt_cls_tasks reg_tasks=$opt_reg_tasks encoders=$opt_encoders decoders=$opt_decoders
+if [[ -n "$tasks" ]]; then
+  # --tasks: regression tasks (glue/stsb, reg/*) to Table 3, the others to Table 2; a table left empty is skipped.
+  cls_tasks="" reg_tasks=""
+  IFS=',' read -r -a _given <<< "$(repro_tasks glue "$tasks")"
+  for t in "${_given[@]}"; do
+    if [[ "$t" == glue/stsb || "$t" == reg/* ]]; then reg_tasks+="${reg_tasks:+,}$t"; else cls_tasks+="${cls_tasks:+,}$t"; fi
+  done
+  _kept=()
+  IFS=',' read -r -a _tables <<< "$tables"
+  for t in "${_tables[@]}"; do
+    if [[ ($t == cls && -n "$cls_tasks") || ($t == reg && -n "$reg_tasks") || ($t != cls && $t != reg) ]]; then _kept+=("$t"); fi
+  done
+  tables="$(IFS=','; echo "${_kept[*]}")"
+fi
+
 common=()
 glue_dir="${GLUE_DIR:-}"
 if [[ $smoke == 1 ]]; then
-  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}/smoke}"
+  repro_out smoke
   cls_tasks="${cls_tasks:-glue/rte}"
   reg_tasks="${reg_tasks:-glue/stsb}"
   encoders="${encoders:-tiny-bert}"
@@ -66,14 +66,13 @@ if [[ $smoke == 1 ]]; then
   common+=(task.max_train_samples=48 task.max_eval_samples=24 task.max_length=64 trainer.max_steps=3
            trainer.batch_size=16 trainer.warmup_steps=0 trainer.lr=1.0e-3 trainer.progress_bar=false)
 else
-  out="${out:-${CMIEXP_OUTPUT_DIR:-outputs}}"
+  repro_out
   cls_tasks="${cls_tasks:-glue/cola,glue/sst2,glue/mrpc,glue/qnli,glue/rte,glue/mnli,cls/boolq,cls/hellaswag,cls/siqa}"
   reg_tasks="${reg_tasks:-glue/stsb,reg/sick,reg/wassa,reg/lcp,reg/crp,reg/humicroedit}"
   encoders="${encoders:-roberta-base,roberta-large,deberta-v3-base,deberta-v3-large,modernbert-base,modernbert-large}"
   decoders="${decoders:-gpt2-medium,gpt2-large,smollm2-135m,smollm2-360m,mobilellm-125m,mobilellm-350m,mobilellm-600m}"
   seeds="${seeds:-1,2,3}"
 fi
-out="$(realpath -m "$out")"
 
 # task.data_dir for one task: GLUE_DIR for glue/*, DATA_DIR/<dataset> for the others when that folder exists.
 data_dir_override() {

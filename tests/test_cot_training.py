@@ -280,7 +280,8 @@ def test_reproduce_script_smoke_end_to_end(cmiexp_env, output_dir):
     from cmiexp.data.cot import answer_correct, read_rows
 
     env = dict(cmiexp_env, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_cot_mi.sh"), "--smoke"], env=env, cwd=REPO,
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_cot_mi.sh"), "--smoke",
+                           "--out", str(output_dir)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # The report table: one row per objective, one column per task.

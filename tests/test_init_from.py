@@ -26,14 +26,14 @@ def _kd_student(teacher_objective: str):
 
 
 def _teacher_cfg(student):
-    from cmiexp.teachers import compose_teacher_config
+    from cmiexp.objectives.kd.teacher import compose_teacher_config
 
     return compose_teacher_config(student, OmegaConf.to_container(student.objective.teacher_config))
 
 
 def test_mcmi_teacher_starts_from_the_ce_teacher_of_the_same_kd_experiment():
     """The chain CE teacher -> MCMI fine-tune -> KD students shares the CE run by content hash."""
-    from cmiexp.teachers import teacher_dir
+    from cmiexp.objectives.kd.teacher import teacher_dir
     from cmiexp.train.init_from import start_run_config
 
     mcmi = _teacher_cfg(_kd_student("mcmi"))

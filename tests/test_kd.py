@@ -83,7 +83,7 @@ def test_kd_loss_fp32_from_half_logits_and_teacher_gets_no_gradient():
 # Teacher configs, hashing and the idx lookup (no training)
 # ---------------------------------------------------------------------------------------------
 def test_split_teacher_config():
-    from cmiexp.teachers import split_teacher_config
+    from cmiexp.objectives.kd.teacher import split_teacher_config
 
     groups, values = split_teacher_config(
         {"objective": {"name": "mcmi", "lam": 0.2}, "model": "tiny-bert", "trainer": {"epochs": 1}, "seed": 3})
@@ -102,7 +102,7 @@ def _student(*extra):
 def _teacher_dir(student):
     from omegaconf import OmegaConf
 
-    from cmiexp.teachers import compose_teacher_config, teacher_dir
+    from cmiexp.objectives.kd.teacher import compose_teacher_config, teacher_dir
 
     return teacher_dir(compose_teacher_config(student, OmegaConf.to_container(student.objective.teacher_config)))
 
@@ -121,7 +121,7 @@ def test_teacher_dir_is_a_hash_of_what_the_teacher_trains():
 
 
 def test_teacher_config_errors_name_the_key():
-    from cmiexp.teachers import compose_teacher_config
+    from cmiexp.objectives.kd.teacher import compose_teacher_config
 
     s = _student()
     with pytest.raises(ConfigError, match="objective.teacher_config.trainer.epochz"):
@@ -130,18 +130,8 @@ def test_teacher_config_errors_name_the_key():
         compose_teacher_config(s, {"objective": "nope"})
 
 
-def test_untrained_teacher_in_a_multi_process_run_is_refused():
-    from omegaconf import OmegaConf
-
-    from cmiexp.teachers import ensure_teacher
-
-    s = _student()
-    with pytest.raises(ConfigError, match="python -m cmiexp.teachers"):
-        ensure_teacher(s, OmegaConf.to_container(s.objective.teacher_config), num_processes=2)
-
-
 def test_logit_cache_lookup_by_idx():
-    from cmiexp.teachers import LogitCache, index_map
+    from cmiexp.objectives.kd.logit_cache import LogitCache, index_map
 
     cache = LogitCache(torch.tensor([7, 2, 5]), torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]))
     assert cache(torch.tensor([5, 7, 2, 7])).tolist() == [[4.0, 5.0], [0.0, 1.0], [2.0, 3.0], [0.0, 1.0]]
@@ -163,7 +153,7 @@ def _fake_checkpoint(path: Path, num_labels: int, id2label=None, problem_type=No
 
 
 def test_incompatible_checkpoints_are_refused(tmp_path):
-    from cmiexp.teachers import check_compatible, load_teacher_info
+    from cmiexp.objectives.kd.teacher import check_compatible, load_teacher_info
 
     rte = SimpleNamespace(name="glue/rte", num_labels=2, is_regression=False,
                           label_names=["entailment", "not_entailment"])
@@ -185,7 +175,7 @@ def test_incompatible_checkpoints_are_refused(tmp_path):
 
 
 def test_regression_teacher_must_share_the_target_scale(tmp_path):
-    from cmiexp.teachers import check_compatible, load_teacher_info
+    from cmiexp.objectives.kd.teacher import check_compatible, load_teacher_info
 
     run = tmp_path / "run"
     _fake_checkpoint(run / "checkpoint" / "best", 1, {"0": "score"}, "regression")
@@ -256,6 +246,7 @@ def test_teacher_is_trained_once_and_reused(kd_runs):
     assert s0["teacher"]["source"] == "trained" and s0["cache_built"] is True and s0["cache_build_s"] > 0
     assert s1["teacher"]["source"] == "reused" and s1["cache_built"] is False
     assert s1["cache_file"] == s0["cache_file"] == str(kd_runs["cache"])
+    assert kd_runs["cache"].parent == teacher / "kd_cache"  # the cache lives with the teacher
     # The second student touched neither the teacher nor its logit cache.
     assert {p: p.stat().st_mtime_ns for p in kd_runs["stamps"]} == kd_runs["stamps"]
     from safetensors.torch import load_file
@@ -278,6 +269,12 @@ def test_cached_teacher_matches_online_teacher(kd_runs):
     assert online["objective_summary"]["teacher_s_per_epoch"] > 0
     # Teacher objective/model of a path teacher are read from its run (not from the config).
     assert (online["teacher_objective"], online["teacher_model"]) == ("ce", "tiny-bert")
+    # A path teacher and the same teacher given as a config are named alike (results.json and folder).
+    teacher = kd_runs["teacher"]
+    named = {"objective": "ce", "hash": teacher.name[:8], "run_dir": str(teacher.resolve())}
+    assert online["teacher"] == cached["teacher"] == named
+    path_cfg = compose_config([*kd_runs["common"], f"objective.teacher={teacher}"], return_hydra_config=True)
+    assert str(path_cfg.hydra.run.dir).endswith(f"-from-ce-{teacher.name[:8]}")
     a, b = cached["best"]["metrics"], online["best"]["metrics"]
     assert a["accuracy"] == b["accuracy"] and a["num_samples"] == b["num_samples"] == 64
     for k in a:

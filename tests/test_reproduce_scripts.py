@@ -76,6 +76,74 @@ def test_mini_mode_commands(script, want, tmp_path, cmiexp_env):
     assert report_line.endswith("--extra-metric cmi") and not (tmp_path / "o").exists()
 
 
+ALL_SCRIPTS = ["reproduce_cmi_glue.sh", "reproduce_mcmi_kd.sh", "reproduce_cot_mi.sh", "reproduce_flownib_tables.sh"]
+#: The task each script is given in the interface test, and the task= value its cmiexp calls must carry.
+INTERFACE_TASK = {"reproduce_cmi_glue.sh": ("rte", "glue/rte"), "reproduce_mcmi_kd.sh": ("rte", "glue/rte"),
+                  "reproduce_cot_mi.sh": ("svamp", "cot/svamp"), "reproduce_flownib_tables.sh": ("rte", "glue/rte")}
+
+
+def _bash(script: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPTS / script), *args], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+def test_every_script_takes_the_shared_interface(script, tmp_path, cmiexp_env):
+    """--dry-run --smoke --seeds 0,1 --tasks X --out DIR -- OVERRIDE: every cmiexp command it prints
+    carries the seeds, the task, the output folder and the override; nothing is run or written."""
+    given, task = INTERFACE_TASK[script]
+    out = tmp_path / "o"
+    proc = _bash(script, ["--dry-run", "--smoke", "--seeds", "0,1", "--tasks", given, "--out", str(out),
+                          "--", "trainer.max_steps=1"], dict(cmiexp_env, CMIEXP="cmiexp", CMIEXP_REPORT="cmiexp-report"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = [line.replace("\\,", ",").split() for line in proc.stdout.splitlines() if not line.startswith("#")]
+    runs = [w for w in lines if w[0] == "cmiexp"]
+    reports = [w for w in lines if w[0] == "cmiexp-report"]
+    assert runs and reports and len(runs) + len(reports) == len(lines), proc.stdout
+    for words in runs:
+        assert words[1] == "-m" and "seed=0,1" in words and f"task={task}" in words, words
+        assert f"paths.output_dir={out}" in words and words[-1] == "trainer.max_steps=1", words
+    for words in reports:
+        assert words[1].startswith(str(out) + "/runs/"), words
+    assert not out.exists()
+
+
+def _shared_options(help_text: str) -> str:
+    start = help_text.index("Options (the same for every reproduction script):")
+    end = help_text.find("\nOptions of ", start)
+    return help_text[start:end if end >= 0 else None].strip()
+
+
+def test_help_prints_the_same_option_list_for_all_four(cmiexp_env):
+    blocks = {}
+    for script in ALL_SCRIPTS:
+        proc = _bash(script, ["--help"], cmiexp_env)
+        assert proc.returncode == 0 and proc.stderr == "", (script, proc.stderr)
+        blocks[script] = _shared_options(proc.stdout)
+    assert len(set(blocks.values())) == 1, blocks
+    listed = next(iter(blocks.values()))
+    for option in ("--smoke", "--seeds LIST", "--tasks LIST", "--out DIR", "--dry-run", "-h, --help", "-- OVERRIDES"):
+        assert f"  {option}" in listed, option
+
+
+@pytest.mark.parametrize("script", ALL_SCRIPTS)
+@pytest.mark.parametrize("args,says", [(["--bogus"], "unknown option --bogus"), (["--seeds"], "--seeds needs a value"),
+                                       (["--seeds", "0;1"], "--seeds 0;1: expected comma-separated integers"),
+                                       (["trainer.lr=1"], "Hydra overrides go after '--'")])
+def test_bad_option_is_one_line_and_a_non_zero_exit(script, args, says, tmp_path, cmiexp_env):
+    proc = _bash(script, [*args, "--dry-run", "--out", str(tmp_path / "o")], cmiexp_env)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"{script}: error: ") and says in proc.stderr, \
+        proc.stderr
+
+
+def test_cot_script_dropped_its_environment_interface(tmp_path, cmiexp_env):
+    """SMOKE=1 no longer selects smoke mode (--smoke does): without --smoke the full grid needs COT_DATA_DIR."""
+    env = {k: v for k, v in cmiexp_env.items() if k != "COT_DATA_DIR"}
+    proc = _bash("reproduce_cot_mi.sh", ["--out", str(tmp_path / "o")], dict(env, SMOKE="1"))
+    assert proc.returncode == 2 and "set COT_DATA_DIR" in proc.stderr and not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_cmi_glue_smoke_ends_with_report(tmp_path, cmiexp_env):
     out = tmp_path / "smoke"

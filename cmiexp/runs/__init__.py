@@ -2,7 +2,9 @@
 
 A run directory is ``<output_dir>/runs/<experiment>/<task>/<model>/<objective>/seed<N>-<hash>``:
 the readable part names the run, ``<hash>`` is the hash of the resolved training config
-(``identity.config_hash``). Inside it:
+(``identity.config_hash``); a KD student's adds ``-from-<teacher objective>-<teacher hash8>``
+(``identity.teacher_folder_suffix``). Runs other runs need (KD teachers, the CE starting model of
+objective=mcmi) are provisioned under ``paths.teachers_dir`` (``provision``). Inside a run directory:
 
 * ``run_config.json``  the hashed config (``{"hash", "config"}``), written when the run claims the dir
 * ``results.json``     status (running -> completed | interrupted | failed) and numbers (``results``)

@@ -37,6 +37,8 @@ IDENTITY_EXCLUDED_KEYS = (
 PATH_KEYS = ("data_dir", "name_or_path", "teacher", "source", "compare", "init_from")
 IDENTITY_VERSION = 1
 HASH_LEN = 8
+#: Digits of a KD teacher's hash in its students' folder names and results.json ``teacher.hash``.
+TEACHER_HASH_LEN = 8
 
 
 def _excluded(dotted: str) -> bool:
@@ -101,6 +103,13 @@ def run_id_resolver(*, _root_: DictConfig) -> str:
     if "task" not in _root_:
         raise ValueError("cmiexp_run_id needs the whole job config (resolve hydra.run.dir from the job config)")
     return hash_of_identity(identity_config(_root_))
+
+
+def teacher_folder_suffix(teacher_objective: str, teacher_hash: str) -> str:
+    """What a KD student's run directory adds after ``seed<N>-<hash>``: ``-from-<objective>-<hash8>``,
+    so the folder names the teacher it was distilled from (``${cmiexp_teacher_tag:}``)."""
+    safe = "".join(c if c.isalnum() or c in "_." else "_" for c in str(teacher_objective))
+    return f"-from-{safe}-{str(teacher_hash)[:TEACHER_HASH_LEN]}"
 
 
 def flatten(d: Any, prefix: str = "") -> dict:

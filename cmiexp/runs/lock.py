@@ -1,19 +1,25 @@
 """One process per run directory.
 
-``RunLock`` holds a ``filelock`` (``fcntl.flock`` underneath) on ``<run_dir>/.lock`` for the whole
-run. The kernel drops an flock when its process dies, so a lock left by a killed run never blocks a
+``RunLock`` holds a ``filelock`` (an OS advisory lock underneath) on ``<run_dir>/.lock`` for the whole
+run. The kernel drops that lock when its process dies, so a lock left by a killed run never blocks a
 re-run. The holder's pid, host and start time go into ``.lock.owner`` (a separate file: a waiter
 opens ``.lock`` itself, which would clobber anything written there) so a refused second run can say
 who holds the directory.
+
+``waiting_lock`` is the blocking variant for shared work (a KD teacher, its logit cache): the
+second process waits for the first instead of being refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import time
 from pathlib import Path
+from typing import Iterator
 
 from filelock import FileLock, Timeout
 
@@ -21,6 +27,7 @@ from cmiexp.errors import RunRefused
 
 LOCK_FILE = ".lock"
 OWNER_FILE = ".lock.owner"
+log = logging.getLogger("cmiexp")
 
 
 class RunLocked(RunRefused):
@@ -99,3 +106,24 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | os.PathLike, waiting: str) -> Iterator[None]:
+    """Hold an exclusive ``filelock`` on ``path`` for the block, waiting for it as long as it takes.
+
+    For work that several processes may want at once and only one should do (training a shared
+    teacher, building its logit cache): the others wait here, then find the work done. ``waiting``
+    is logged once when the lock is held by someone else."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("%s", waiting)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()

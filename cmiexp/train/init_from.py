@@ -12,24 +12,16 @@ model, then fine-tune with CE - lam * KL for a short schedule): unless ``trainer
 the run first trains, or reuses, a CE model with its own settings (``objective`` replaced by
 ``ce``, plus ``objective.start_config``) in ``paths.teachers_dir/<task>/<model>/ce/<hash12>``, the
 same content-hashed folder a KD teacher with that config gets, so a CE KD teacher and the MCMI
-teacher's starting model are one run. It trains in a separate ``python -m cmiexp.train.init_from``
-process (no shared RNG, Accelerate or Hydra state with this one), serialised by a file lock;
+teacher's starting model are one run. It is provisioned by ``cmiexp.runs.provision`` (trained
+in a separate process, no shared RNG, Accelerate or Hydra state with this one, under a file lock);
 then this run's ``trainer.init_from`` points at it and its length becomes
 ``objective.finetune_epochs`` / ``objective.finetune_max_steps``.
-
-Command line (used by the above; runs one resolved config into a run directory)::
-
-    python -m cmiexp.train.init_from CONFIG.yaml RUN_DIR
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -44,22 +36,18 @@ START_CHOICES = ("ce", "pretrained")
 #: Keys ``objective.start_config`` may not set: the CE starting model is trained on this run's task,
 #: data, model and paths with objective=ce (anything else could not be fine-tuned by this run).
 START_FORBIDDEN = ("task", "paths", "model", "objective", "head", "peft", "hydra")
-START_CONFIG_FILE = "start_config.yaml"
-#: Environment of a distributed launch: the CE child trains as one plain process.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-             "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 # ---------------------------------------------------------------------------------------------
 # trainer.init_from: resolve, check, load
 # ---------------------------------------------------------------------------------------------
 def resolve_init(cfg: DictConfig, task, kind: str = "classification"):
-    """The checkpoint named by ``trainer.init_from`` (a ``cmiexp.teachers.TeacherInfo``), checked
+    """The checkpoint named by ``trainer.init_from`` (a ``cmiexp.objectives.kd.teacher.TeacherInfo``), checked
     against this run; None when the key is unset."""
     path = (cfg.get("trainer") or {}).get("init_from")
     if path in (None, "", "null"):
         return None
-    from cmiexp.teachers import load_teacher_info
+    from cmiexp.objectives.kd.teacher import load_teacher_info
 
     info = load_teacher_info(str(path), key=KEY)
     check_init_compatible(info, cfg, task, kind)
@@ -132,7 +120,7 @@ def start_run_config(cfg: DictConfig) -> DictConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     from cmiexp.config import CONF_DIR
-    from cmiexp.teachers import flatten_items
+    from cmiexp.runs.provision import flatten_items
 
     extra = cfg.objective.get("start_config") or {}
     extra = OmegaConf.to_container(extra, resolve=True) if isinstance(extra, DictConfig) else extra
@@ -155,62 +143,17 @@ def start_run_config(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def _completed(d: Path) -> bool:
-    from cmiexp.teachers import PROMPT_HEAD_FILE
-    from cmiexp.runs import read_results
-
-    res = read_results(d)
-    best = d / "checkpoint" / "best"
-    return bool(res and res.get("status") == "completed"
-                and ((best / "config.json").is_file() or (best / PROMPT_HEAD_FILE).is_file()))
-
-
-def _child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV and not k.startswith("ACCELERATE_")}
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    return env
-
-
 def ensure_start_model(scfg: DictConfig) -> tuple[Path, str]:
-    """Train the CE run ``scfg`` into its content-hashed folder unless a completed one is there.
-    Returns (folder, "trained" | "reused")."""
-    from filelock import FileLock, Timeout
+    """Train the CE run ``scfg`` into its content-hashed folder unless a completed one is there
+    (``cmiexp.runs.provision``: a separate process, under the lock a KD teacher with the same
+    config uses too). Returns (folder, "trained" | "reused")."""
+    from cmiexp.runs.provision import provision
 
-    from cmiexp.io import atomic_write_json, atomic_write_text
-    from cmiexp.teachers import SPEC_FILE, hashed_content, teacher_dir
-
-    d = teacher_dir(scfg)
-    if _completed(d):
-        return d, "reused"
-    d.parent.mkdir(parents=True, exist_ok=True)
-    # The lock file KD teachers use too: a KD run training the same CE teacher in-process waits here.
-    lock = FileLock(str(d.parent / f".{d.name}.lock"))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for %s (another process is training this CE starting model)", d)
-        lock.acquire()
-    try:
-        if _completed(d):
-            return d, "reused"
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / START_CONFIG_FILE, OmegaConf.to_yaml(scfg, resolve=True))
-        atomic_write_json(d / SPEC_FILE, {"hash": d.name, "overrides": ["objective=ce"],
-                                          "config": hashed_content(scfg)})
-        cmd = [sys.executable, "-m", "cmiexp.train.init_from", str(d / START_CONFIG_FILE), str(d)]
-        t0 = time.time()
-        proc = subprocess.run(cmd, env=_child_env())
-        if proc.returncode != 0 or not _completed(d):
-            from cmiexp.runs import read_results
-
-            res = read_results(d) or {}
-            why = res.get("error") or f"exit status {proc.returncode}"
-            raise CmiexpError(f"objective.start=ce: training the CE starting model in {d} failed ({why}); "
-                              f"see {d}/cmiexp.log, fix it and re-run, or pass trainer.init_from=PATH")
-        log.info("CE starting model trained in %.1f s: %s", time.time() - t0, d)
-        return d, "trained"
-    finally:
-        lock.release()
+        got = provision(scfg, ["objective=ce"], "CE starting model")
+    except CmiexpError as e:
+        raise CmiexpError(f"objective.start=ce: {e}; or pass trainer.init_from=PATH") from e
+    return got.run_dir, got.source
 
 
 def _positive(cfg: DictConfig, key: str, default, allow_minus_one: bool = False):
@@ -243,10 +186,10 @@ def prepare_start(cfg: DictConfig, run_dir: Path) -> DictConfig:
     if prior and prior.get("status") == "completed" and str(cfg.trainer.resume).lower() == "auto":
         return cfg  # the run itself is done: nothing to train (the runner reports it)
     scfg = start_run_config(cfg)
-    from cmiexp.teachers import teacher_dir
+    from cmiexp.runs.provision import finished_run, provisioned_dir
 
-    d = teacher_dir(scfg)
-    if _completed(d):
+    d = provisioned_dir(scfg)
+    if finished_run(d):
         log.info("objective=%s fine-tunes a trained CE model (objective.start=ce): reusing %s", cfg.objective.name, d)
     else:
         log.info("objective=%s fine-tunes a trained CE model (objective.start=ce; trainer.init_from=PATH skips "
@@ -262,45 +205,3 @@ def prepare_start(cfg: DictConfig, run_dir: Path) -> DictConfig:
     log.info("objective=%s: fine-tuning %s for %s", cfg.objective.name, d,
              f"{out.trainer.max_steps} steps" if int(out.trainer.max_steps) > 0 else f"{out.trainer.epochs} epoch(s)")
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m cmiexp.train.init_from CONFIG.yaml RUN_DIR
-# ---------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    config_file, run_dir = Path(argv[0]), Path(argv[1])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fmt = "[%(asctime)s][%(levelname)s] %(message)s"
-    logging.basicConfig(level=logging.INFO, format=fmt, datefmt="%H:%M:%S", stream=sys.stdout)
-    fh = logging.FileHandler(run_dir / "cmiexp.log")
-    fh.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
-    logging.getLogger().addHandler(fh)
-    from cmiexp.io import atomic_write_json
-    from cmiexp.runs import read_results
-    from cmiexp.train.runner import run_experiment
-
-    try:
-        cfg = OmegaConf.load(config_file)
-        res = run_experiment(cfg, run_dir)
-    except CmiexpError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        res = read_results(run_dir)
-        if res is not None and res.get("status") != "completed":
-            res.update(status="failed", error=msg)
-            atomic_write_json(run_dir / "results.json", res)
-        print(f"cmiexp: error: {msg}", file=sys.stderr)
-        return 1
-    if res.get("status") != "completed":
-        print(f"cmiexp: error: the run in {run_dir} stopped with status {res.get('status')!r}", file=sys.stderr)
-        return 1
-    res["overrides"] = ["objective=ce"]
-    atomic_write_json(run_dir / "results.json", res)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

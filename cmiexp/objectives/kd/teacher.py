@@ -1,46 +1,45 @@
-"""KD teachers: resolve, validate, train on demand (or reuse), and cache their training-set logits.
+"""KD teachers: resolve, validate, provision (train on demand or reuse), load.
 
 A teacher is given to ``objective=kd`` either as a path (``objective.teacher``: a finished run
 directory or a ``save_pretrained`` folder) or as a config (``objective.teacher_config``: overrides
-of a teacher run on the student's task). A config teacher lives in
-``paths.teachers_dir/<task>/<model>/<objective>/<hash12>``, where the hash covers the resolved
-teacher config (minus keys that do not change what is trained), so every student that asks for
-the same teacher finds the same directory: a sweep over student seeds trains each teacher once.
-A lock file serialises concurrent sweeps asking for the same teacher.
+of a teacher run on the student's task). A config teacher is provisioned by
+``cmiexp.runs.provision``: it lives in ``paths.teachers_dir/<task>/<model>/<objective>/<hash12>``,
+where the hash covers the resolved teacher config (minus keys that do not change what is
+trained), so every student that asks for the same teacher finds the same directory (a sweep over
+student seeds trains each teacher once); it is trained by a separate cmiexp process, under a
+file lock that concurrent students wait on.
 
-The teacher always reads the raw text of the training examples through its *own* tokenizer (the
-one saved in its checkpoint), so teacher and student may use different tokenizers; the student's
-batches contribute only the example ids (``idx``); a prompt-head teacher (``head=masking`` or
-``generation``) also gets the prompt its run config names. Its logits for the training set are computed
-once and stored as safetensors in the teacher's directory (``kd_cache/``), keyed by the training
-data's content, the teacher tokenizer, ``task.max_length`` and the teacher weights.
+The student's run directory and results.json name the teacher (``teacher_record``):
+``seed<N>-<hash>-from-<teacher objective>-<teacher hash8>`` and ``"teacher": {"objective",
+"hash", "run_dir"}``.
 
-Command line (pre-trains the teacher of a KD config, e.g. before a multi-process student run)::
+Command line (trains, or finds, the teacher of a KD config and prints its folder)::
 
-    python -m cmiexp.teachers experiment=mcmi_kd task=glue/rte objective.teacher_config.objective=mcmi
+    python -m cmiexp.objectives.kd experiment=mcmi_kd task=glue/rte objective.teacher_config.objective=mcmi
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import functools
 import hashlib
-import inspect
 import json
 import logging
 import math
 import os
 import re
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cmiexp.errors import CmiexpError, ConfigError, DataError
+from cmiexp.errors import CmiexpError, ConfigError
+from cmiexp.models.heads import HEAD_CONFIG
+from cmiexp.runs.identity import TEACHER_HASH_LEN, teacher_folder_suffix
+from cmiexp.runs.provision import (HASH_LEN, finished_run, flatten_items, provision, provision_hash,
+                                   provisioned_dir)
 
 log = logging.getLogger("cmiexp")
 
@@ -50,14 +49,10 @@ GROUP_KEYS = ("model", "objective", "trainer", "logger", "experiment")
 FORBIDDEN_KEYS = ("task", "paths", "hydra")
 #: Trainer keys copied from the student unless the teacher config sets them.
 INHERITED_TRAINER_KEYS = ("progress_bar", "num_workers", "log_every", "cpu", "mixed_precision")
-#: Keys left out of the teacher hash: they name or report a run but do not change what is trained.
-HASH_EXCLUDED = ("experiment_name", "paths", "logger")
-HASH_EXCLUDED_TRAINER = ("resume", "stop_after_steps", "progress_bar", "num_workers", "log_every", "collapse_share")
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 #: A prompt-head checkpoint (cmiexp.models.heads): backbone/ + head weights + this description.
-PROMPT_HEAD_FILE = "cmiexp_head.json"
-CACHE_DIRNAME = "kd_cache"
-SPEC_FILE = "teacher_spec.json"
+PROMPT_HEAD_FILE = HEAD_CONFIG
+#: The objective named for a bare checkpoint (no run metadata says how it was trained).
+UNKNOWN_OBJECTIVE = "checkpoint"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,16 +209,6 @@ def _same_scale(a: dict | None, b: dict | None) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Teacher configs: compose, hash, train or reuse
 # ---------------------------------------------------------------------------------------------
-def flatten_items(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    """Nested mappings as (dotted key, leaf value) pairs, in order (an empty mapping gives none)."""
-    if isinstance(value, Mapping):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out += flatten_items(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    return [(prefix, value)]
-
-
 def split_teacher_config(teacher_config: Mapping) -> tuple[list[str], list[tuple[str, Any]]]:
     """Turn a teacher config into (group choices as Hydra overrides, dotted value updates)."""
     if not isinstance(teacher_config, Mapping):
@@ -251,23 +236,21 @@ def split_teacher_config(teacher_config: Mapping) -> tuple[list[str], list[tuple
 
 
 @contextlib.contextmanager
-def _initialized_hydra() -> Iterator[None]:
+def _hydra_for_compose() -> Iterator[None]:
+    """Hydra ready for ``compose``: inside a cmiexp job the running instance (same config
+    directory) composes the teacher too; elsewhere (tests, the teacher CLI) a fresh one is
+    initialised for the block."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.singleton import Singleton
 
     from cmiexp.config import CONF_DIR, register_resolvers
 
     register_resolvers()
-    # Inside a cmiexp job Hydra is already initialised (and refuses a second initialisation): set the
-    # running instance aside, compose with a fresh one, and put the running one back.
-    running = Singleton._instances.pop(GlobalHydra, None)
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            yield
-    finally:
-        if running is not None:
-            Singleton._instances[GlobalHydra] = running
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        yield
 
 
 def compose_teacher_config(student_cfg: DictConfig, teacher_config: Mapping) -> DictConfig:
@@ -278,7 +261,7 @@ def compose_teacher_config(student_cfg: DictConfig, teacher_config: Mapping) -> 
 
     groups, values = split_teacher_config(teacher_config)
     try:
-        with _initialized_hydra():
+        with _hydra_for_compose():
             cfg = compose(config_name="config", overrides=groups)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -304,91 +287,9 @@ def compose_teacher_config(student_cfg: DictConfig, teacher_config: Mapping) -> 
     return cfg
 
 
-def hashed_content(teacher_cfg: DictConfig) -> dict:
-    """The part of a resolved teacher config that decides what is trained (what the hash covers)."""
-    c = OmegaConf.to_container(teacher_cfg, resolve=True)
-    for k in HASH_EXCLUDED:
-        c.pop(k, None)
-    c.pop("hydra", None)
-    for k in HASH_EXCLUDED_TRAINER:
-        c.get("trainer", {}).pop(k, None)
-    return c
-
-
-def _drop_none(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _drop_none(v) for k, v in node.items() if v is not None}
-    if isinstance(node, list):
-        return [_drop_none(v) for v in node]
-    return node
-
-
-def teacher_config_hash(teacher_cfg: DictConfig) -> str:
-    """12 hex digits of the hashed content. Null-valued keys are left out, so a release that adds a
-    new option defaulting to null (= off) does not orphan the teachers trained before it."""
-    blob = json.dumps(_drop_none(hashed_content(teacher_cfg)), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def teacher_dir(teacher_cfg: DictConfig) -> Path:
-    """``<teachers_dir>/<task>/<model>/<objective>/<hash12>``."""
-    root = Path(str(teacher_cfg.paths.teachers_dir)).expanduser()
-    return root / str(teacher_cfg.task.name) / str(teacher_cfg.model.name) / str(teacher_cfg.objective.name) / \
-        teacher_config_hash(teacher_cfg)
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl.flock) held for the block; other processes wait."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for %s (another process is training this teacher)", path)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def isolated_run_state() -> Iterator[None]:
-    """Run a nested training run without disturbing the enclosing one: RNG streams (torch, CUDA,
-    numpy, random) and Accelerate's shared gradient-accumulation state are restored afterwards."""
-    import random
-
-    import numpy as np
-    from accelerate.state import GradientState
-
-    py_state, np_state = random.getstate(), np.random.get_state()
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    gs = dict(GradientState._shared_state)
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            GradientState._shared_state.clear()
-            GradientState._shared_state.update(gs)
-
-
-def _completed(d: Path) -> bool:
-    from cmiexp.runs import read_results
-
-    res = read_results(d)
-    return bool(res and res.get("status") == "completed" and (d / "checkpoint" / "best" / "config.json").is_file())
-
-
-def _mark_failed(d: Path, msg: str) -> None:
-    from cmiexp.runs import read_results, write_results
-
-    res = read_results(d)
-    if res is not None and res.get("status") != "completed":
-        res.update(status="failed", error=msg)
-        write_results(d, res)
+    """``<teachers_dir>/<task>/<model>/<objective>/<hash12>`` (``cmiexp.runs.provision``)."""
+    return provisioned_dir(teacher_cfg)
 
 
 def teacher_overrides_list(teacher_config: Mapping) -> list[str]:
@@ -396,57 +297,86 @@ def teacher_overrides_list(teacher_config: Mapping) -> list[str]:
     return groups + [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values]
 
 
-def ensure_teacher(student_cfg: DictConfig, teacher_config: Mapping, *, num_processes: int = 1,
-                   mixed_precision: str | None = None) -> TeacherInfo:
-    """Return the teacher described by ``teacher_config``, training it now unless a completed run
-    with the identical resolved config exists. Training happens in this process (isolated RNG)."""
-    from cmiexp.io import atomic_write_json
-    from cmiexp.runs import write_results
-    from cmiexp.train.runner import resolve_mixed_precision, run_experiment
-
+def ensure_teacher(student_cfg: DictConfig, teacher_config: Mapping) -> TeacherInfo:
+    """Return the teacher described by ``teacher_config``: a completed run with the identical
+    resolved config is reused; otherwise it is trained now, by a separate cmiexp process, under
+    a lock (``cmiexp.runs.provision``). Every rank of a multi-process student may call this: one
+    process trains, the others wait on the lock."""
     tcfg = compose_teacher_config(student_cfg, teacher_config)
-    d = teacher_dir(tcfg)
-    source, train_s = "reused", None
-    if not _completed(d):
-        if num_processes > 1:
-            raise ConfigError(f"objective.teacher_config: teacher {d} is not trained yet, and it is trained on "
-                              f"demand only in single-process runs; train it first with: python -m cmiexp.teachers "
-                              "<the same overrides>, then relaunch")
-        with file_lock(d.parent / f".{d.name}.lock"):
-            if _completed(d):  # another process trained it while we waited
-                pass
-            else:
-                tmp = resolve_mixed_precision(str(tcfg.trainer.mixed_precision))
-                if mixed_precision is not None and tmp != mixed_precision:
-                    raise ConfigError(
-                        f"objective.teacher_config: the teacher's trainer.mixed_precision ({tmp}) differs from the "
-                        f"student's ({mixed_precision}); an on-demand teacher trains in the student's process and "
-                        "must share it: train it separately and pass objective.teacher=PATH")
-                log.info("training KD teacher %s/%s on %s into %s", tcfg.model.name, tcfg.objective.name,
-                         tcfg.task.name, d)
-                d.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(d / SPEC_FILE, {"hash": d.name, "overrides": teacher_overrides_list(teacher_config),
-                                                  "config": hashed_content(tcfg)})
-                t0 = time.time()
-                try:
-                    with isolated_run_state():
-                        res = run_experiment(tcfg, d)
-                except CmiexpError as e:
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    _mark_failed(d, msg)
-                    raise CmiexpError(f"training the KD teacher in {d} failed: {msg}") from e
-                if res.get("status") != "completed":
-                    raise CmiexpError(f"training the KD teacher in {d} stopped with status {res.get('status')!r}; "
-                                      "re-run to resume it")
-                # A nested run sees the student's Hydra overrides; record the teacher's own instead.
-                res["overrides"] = teacher_overrides_list(teacher_config)
-                write_results(d, res)
-                source, train_s = "trained", time.time() - t0
-    else:
-        log.info("reusing KD teacher %s", d)
-    info = load_teacher_info(d, key="objective.teacher_config")
-    info.source, info.train_time_s, info.config_hash = source, train_s, d.name
+    if finished_run(provisioned_dir(tcfg)):
+        log.info("reusing KD teacher %s", provisioned_dir(tcfg))
+    got = provision(tcfg, teacher_overrides_list(teacher_config), "KD teacher")
+    info = load_teacher_info(got.run_dir, key="objective.teacher_config")
+    info.source, info.train_time_s, info.config_hash = got.source, got.train_time_s, got.run_dir.name
     return info
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher's identity, as the student's folder and results.json name it
+# ---------------------------------------------------------------------------------------------
+def path_teacher_hash(info: TeacherInfo) -> str:
+    """The hash that identifies a teacher given as a path: the provisioned hash of a teachers-folder
+    run, else the run's config hash (run_config.json), else a hash of the checkpoint's location."""
+    from cmiexp.runs import read_run_config
+    from cmiexp.runs.provision import read_spec
+
+    if info.run_dir is not None:
+        spec, record = read_spec(info.run_dir), read_run_config(info.run_dir)
+        if spec and spec.get("hash"):
+            return str(spec["hash"])
+        if record and record.get("hash"):
+            return str(record["hash"])
+    return hashlib.sha256(str(Path(info.checkpoint_dir).resolve()).encode()).hexdigest()[:HASH_LEN]
+
+
+def teacher_record(info: TeacherInfo) -> dict[str, Any]:
+    """``{"objective", "hash", "run_dir"}``: the student's results.json ``teacher`` field. ``hash`` is
+    the 8-digit prefix the student's folder shows (``-from-<objective>-<hash>``)."""
+    full = info.config_hash or path_teacher_hash(info)
+    return {"objective": info.objective or UNKNOWN_OBJECTIVE, "hash": full[:TEACHER_HASH_LEN],
+            "run_dir": str(Path(info.run_dir or info.checkpoint_dir).resolve())}
+
+
+def student_teacher_record(cfg: DictConfig) -> dict[str, Any] | None:
+    """The teacher record of a KD config before anything is trained (for the run directory's name).
+    None when the config names no usable teacher yet (the run then fails with the precise error)."""
+    objective = cfg.get("objective") or {}
+    if objective.get("name") != "kd":
+        return None
+    path, tc = objective.get("teacher"), objective.get("teacher_config")
+    if path not in (None, "") and tc is None:
+        info = load_teacher_info(str(path))
+        return teacher_record(info)
+    if tc is not None and path in (None, ""):
+        tcfg = compose_teacher_config(cfg, OmegaConf.to_container(tc, resolve=True))
+        return {"objective": str(tcfg.objective.name), "hash": provision_hash(tcfg)[:TEACHER_HASH_LEN],
+                "run_dir": str(provisioned_dir(tcfg).resolve())}
+    return None
+
+
+def teacher_tag_resolver(*, _root_: DictConfig) -> str:
+    """``${cmiexp_teacher_tag:}`` in hydra.run.dir: ``-from-<teacher objective>-<hash8>`` for a KD
+    student, empty for every other run."""
+    objective = _root_.get("objective") or {}
+    if objective.get("name") != "kd":
+        return ""
+    parts = {k: OmegaConf.to_container(_root_[k], resolve=True) for k in ("objective", "task", "paths", "trainer")
+             if k in _root_}
+    key = json.dumps(parts, sort_keys=True, default=str)
+    if objective.get("teacher_config") is None:
+        return _teacher_tag.__wrapped__(key)  # a path teacher: read from disk each time (it may change)
+    return _teacher_tag(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _teacher_tag(parts_json: str) -> str:
+    # Keyed by the config parts that decide the teacher: composing a teacher config takes a moment,
+    # and Hydra resolves the run directory more than once per job.
+    try:
+        rec = student_teacher_record(OmegaConf.create(json.loads(parts_json)))
+    except Exception:  # noqa: BLE001 - naming a folder must not fail; the run reports a bad teacher in one line
+        rec = None
+    return teacher_folder_suffix(rec["objective"], rec["hash"]) if rec else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,144 +423,8 @@ def load_teacher_model(info: TeacherInfo, device):
     return model.to(device)
 
 
-def model_input_keys(model) -> set[str]:
-    return set(inspect.signature(model.forward).parameters) & set(MODEL_INPUT_KEYS)
-
-
-def weights_stamp(checkpoint_dir: Path) -> str:
-    """Names, sizes and mtimes of the weight files: a retrained teacher gets a new cache key."""
-    parts = []
-    for f in sorted(Path(checkpoint_dir).iterdir()):
-        if f.suffix in (".safetensors", ".bin") and f.is_file():
-            st = f.stat()
-            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
-
-
-def cache_key(task, teacher_tokenizer, max_length: int, info: TeacherInfo, suffix=None) -> str:
-    from cmiexp.data.tokenize import dataset_fingerprint, tokenizer_fingerprint
-
-    stamp = weights_stamp(info.checkpoint_dir)
-    if (info.checkpoint_dir / "backbone").is_dir():
-        stamp += "|" + weights_stamp(info.checkpoint_dir / "backbone")
-    parts = [task.name, dataset_fingerprint(task.train, list(task.text_fields) + ["idx"]),
-             tokenizer_fingerprint(teacher_tokenizer), str(int(max_length)), stamp,
-             *([suffix.cache_key()] if suffix is not None else [])]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def cache_path(info: TeacherInfo, task, key: str, fallback_root: Path | None = None) -> Path:
-    root = info.run_dir or info.checkpoint_dir
-    d = Path(root) / CACHE_DIRNAME
-    if not os.access(root, os.W_OK) and fallback_root is not None:
-        # A read-only teacher folder: keep its cache in our cache dir, keyed by the teacher's path.
-        d = Path(fallback_root) / CACHE_DIRNAME / hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:12]
-    return d / f"{task.name.replace('/', '_')}-train-{key}.safetensors"
-
-
-class TeacherInputs:
-    """The teacher's own tokenisation of the training set, addressable by example ``idx``."""
-
-    def __init__(self, tokenized, tokenizer, input_keys: set[str]):
-        from transformers import DataCollatorWithPadding
-
-        self.keys = [k for k in MODEL_INPUT_KEYS if k in input_keys and k in tokenized.column_names]
-        self.columns = {k: tokenized[k][:] for k in self.keys}
-        self.idx = torch.as_tensor(tokenized["idx"][:], dtype=torch.long)
-        self.position = index_map(self.idx)
-        self.collate = DataCollatorWithPadding(tokenizer)
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-    def batch(self, positions) -> dict[str, torch.Tensor]:
-        feats = [{k: self.columns[k][int(p)] for k in self.keys} for p in positions]
-        return dict(self.collate(feats))
-
-    def positions_of(self, idx: torch.Tensor) -> torch.Tensor:
-        return lookup_positions(self.position, idx)
-
-
-def index_map(idx: torch.Tensor) -> torch.Tensor:
-    """A dense map from example id to row position (-1 where absent)."""
-    idx = idx.long().cpu()
-    if idx.numel() == 0:
-        return torch.full((0,), -1, dtype=torch.long)
-    if int(idx.min()) < 0:
-        raise DataError("training examples have negative idx values; KD caches key on idx >= 0")
-    pos = torch.full((int(idx.max()) + 1,), -1, dtype=torch.long)
-    pos[idx] = torch.arange(len(idx))
-    if int((pos >= 0).sum()) != len(idx):
-        raise DataError("training examples have duplicate idx values; KD caches need a unique idx per example")
-    return pos
-
-
-def lookup_positions(position: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    i = idx.long().to(position.device)
-    ok = (i >= 0) & (i < len(position))
-    pos = torch.where(ok, position[i.clamp(0, max(len(position) - 1, 0))], torch.full_like(i, -1))
-    if bool((pos < 0).any()):
-        missing = i[pos < 0][:5].tolist()
-        raise DataError(f"the KD teacher logits have no entry for training example idx {missing}; delete the "
-                        "teacher's kd_cache folder to rebuild it")
-    return pos
-
-
-@torch.no_grad()
-def compute_teacher_logits(model, inputs: TeacherInputs, batch_size: int, device, autocast=None) -> torch.Tensor:
-    """Teacher logits (fp32, CPU) for every row of ``inputs``, in row order."""
-    out = []
-    ctx = autocast if autocast is not None else contextlib.nullcontext
-    for start in range(0, len(inputs), batch_size):
-        b = inputs.batch(range(start, min(start + batch_size, len(inputs))))
-        with ctx():
-            logits = model(**{k: v.to(device) for k, v in b.items()}).logits
-        out.append(logits.float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 1)
-
-
-def save_logit_cache(path: Path, idx: torch.Tensor, logits: torch.Tensor, meta: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"idx": idx.long().contiguous(), "logits": logits.float().contiguous()}, str(tmp),
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
-
-
-def load_logit_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        t = load_file(str(path))
-        return t["idx"], t["logits"]
-    except Exception as e:  # noqa: BLE001 - a corrupt cache file is a user-fixable problem
-        raise DataError(f"cannot read the KD teacher cache {path} ({type(e).__name__}); delete it to rebuild") from e
-
-
-@dataclass
-class LogitCache:
-    """Teacher logits of the training set, looked up by example idx on the training device."""
-
-    idx: torch.Tensor
-    logits: torch.Tensor
-    position: torch.Tensor = field(init=False)
-
-    def __post_init__(self):
-        self.position = index_map(self.idx)
-
-    def to(self, device) -> "LogitCache":
-        self.logits = self.logits.to(device)
-        self.position = self.position.to(device)
-        return self
-
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.logits[lookup_positions(self.position, idx)]
-
-
 # ---------------------------------------------------------------------------------------------
-# python -m cmiexp.teachers OVERRIDES: train (or find) the teacher of a KD config
+# python -m cmiexp.objectives.kd OVERRIDES: train (or find) the teacher of a KD config
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     import sys
@@ -647,21 +441,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
         try:
-            with _initialized_hydra():
+            with _hydra_for_compose():
                 cfg = compose(config_name="config", overrides=argv)
         except (HydraException, OmegaConfBaseException) as e:
             raise ConfigError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
         tc = cfg.objective.get("teacher_config")
         if cfg.objective.name != "kd" or tc is None:
-            raise ConfigError("python -m cmiexp.teachers needs a KD config with objective.teacher_config set "
+            raise ConfigError("python -m cmiexp.objectives.kd needs a KD config with objective.teacher_config set "
                               "(e.g. experiment=mcmi_kd task=glue/rte)")
         info = ensure_teacher(cfg, OmegaConf.to_container(tc, resolve=True))
     except CmiexpError as e:
-        print(f"cmiexp.teachers: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"cmiexp.objectives.kd: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
     print(info.run_dir or info.checkpoint_dir)
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -6,7 +6,8 @@ with s, t the student's and the teacher's logits (the T^2 factor keeps the gradi
 soft term independent of T). Regression tasks use (1 - alpha) * MSE(y, s) + alpha * MSE(t, s).
 Defaults T = 4, alpha = 0.9 follow the MCMI reference (Ye et al., ICLR 2024).
 
-The math is ``kd_loss`` (pure). Finding, training and caching the teacher is ``cmiexp.teachers``.
+The math is ``kd_loss`` (pure). Finding and training the teacher is ``teacher``, its logit cache
+``logit_cache`` (both in this package).
 By default (``teacher_cache=true``) the teacher's logits for the training set are computed once
 and looked up by example ``idx``; ``teacher_cache=false`` runs the teacher on every student step.
 Either way the teacher is in eval mode and consumes no random numbers, so both modes train the
@@ -70,18 +71,16 @@ class KnowledgeDistillation(Objective):
         super().__init__(cfg, ctx)
         from omegaconf import OmegaConf
 
-        from cmiexp import teachers
+        from cmiexp.objectives.kd import teacher as teachers
 
         self.alpha, self.temperature = _validate(cfg)
         self.use_cache = bool(cfg.get("teacher_cache", True))
-        acc = ctx.accelerator
         # Everything about the teacher is settled (and any error raised) before training starts.
         if cfg.get("teacher_config") is not None:
             key = "objective.teacher_config"
-            self.teacher = teachers.ensure_teacher(
-                ctx.cfg, OmegaConf.to_container(cfg.teacher_config, resolve=True),
-                num_processes=acc.num_processes if acc is not None else 1,
-                mixed_precision=acc.mixed_precision if acc is not None else None)
+            # Every rank asks: one process trains a missing teacher (in a child process), the
+            # others wait on its lock and then reuse it.
+            self.teacher = teachers.ensure_teacher(ctx.cfg, OmegaConf.to_container(cfg.teacher_config, resolve=True))
         else:
             key = "objective.teacher"
             self.teacher = teachers.load_teacher_info(str(cfg.teacher), key=key)
@@ -107,49 +106,42 @@ class KnowledgeDistillation(Objective):
             return None
 
     def _teacher_inputs(self, ctx, model):
-        from cmiexp import teachers
+        from cmiexp.objectives.kd import logit_cache
         from cmiexp.data.tokenize import tokenize_split
         from cmiexp.models.factory import default_cache_dir
 
         extra = {"suffix": self.teacher_suffix} if self.teacher_suffix is not None else {}
         tok = tokenize_split(ctx.task.train, ctx.task, self.teacher_tokenizer, self._max_length(ctx),
                              default_cache_dir(ctx.cfg.paths), "train-teacher", **extra)
-        return teachers.TeacherInputs(tok, self.teacher_tokenizer, teachers.model_input_keys(model))
+        return logit_cache.TeacherInputs(tok, self.teacher_tokenizer, logit_cache.model_input_keys(model))
 
     @staticmethod
     def _max_length(ctx) -> int:
         return int(ctx.cfg.task.get("max_length", 128))
 
     def setup(self, ctx: TrainContext) -> None:
-        from cmiexp import teachers
-        from cmiexp.models.factory import default_cache_dir
+        from cmiexp.objectives.kd import logit_cache
+        from cmiexp.objectives.kd import teacher as teachers
 
         acc = ctx.accelerator
         device = acc.device
         if self.use_cache:
-            key = teachers.cache_key(ctx.task, self.teacher_tokenizer, self._max_length(ctx), self.teacher,
-                                     self.teacher_suffix)
-            path = teachers.cache_path(self.teacher, ctx.task, key, default_cache_dir(ctx.cfg.paths))
-            # Rank 0 builds the cache (from the full training set, in a fixed order) and every rank
-            # reads the same file: the cache is identical for 1 and N processes.
+            key = logit_cache.cache_key(ctx.task, self.teacher_tokenizer, self._max_length(ctx), self.teacher,
+                                        self.teacher_suffix)
+            path = logit_cache.cache_path(self.teacher, ctx.task, key, str(ctx.cfg.paths.teachers_dir))
+            # Rank 0 builds the cache (from the full training set, in a fixed order) under the file's
+            # lock, so a concurrent student waits for it instead of building it too; every rank
+            # then reads the same file: the cache is identical for 1 and N processes.
             with acc.main_process_first():
                 if acc.is_main_process and not path.exists():
-                    t0 = time.time()
-                    with torch.random.fork_rng(devices=[]):
-                        model = teachers.load_teacher_model(self.teacher, device)
-                        inputs = self._teacher_inputs(ctx, model)
-                        logits = teachers.compute_teacher_logits(
-                            model, inputs, int(ctx.cfg.trainer.eval_batch_size), device, acc.autocast)
-                    teachers.save_logit_cache(path, inputs.idx, logits, {
-                        "task": ctx.task.name, "teacher": str(self.teacher.checkpoint_dir),
-                        "max_length": self._max_length(ctx), "num_examples": len(inputs)})
-                    del model
-                    self.stats.update(cache_built=True, cache_build_s=time.time() - t0)
-                idx, logits = teachers.load_logit_cache(path)
+                    with logit_cache.build_lock(path):
+                        if not path.exists():
+                            self._build_cache(ctx, path)
+                idx, logits = logit_cache.load_logit_cache(path)
             if logits.shape[-1] != ctx.task.num_labels:
                 raise ConfigError(f"KD teacher cache {path} has {logits.shape[-1]} outputs per example, task="
                                   f"{ctx.task.name} has {ctx.task.num_labels}; delete the file to rebuild it")
-            cache = teachers.LogitCache(idx, logits).to(device)
+            cache = logit_cache.LogitCache(idx, logits).to(device)
             self.stats.update(cache_file=str(path), cache_examples=int(len(idx)))
             self._teacher_fn = cache
         else:
@@ -164,6 +156,22 @@ class KnowledgeDistillation(Objective):
                     return model(**{k: v.to(device) for k, v in b.items()}).logits.float()
 
             self._teacher_fn = online
+
+    def _build_cache(self, ctx, path) -> None:
+        from cmiexp.objectives.kd import logit_cache
+        from cmiexp.objectives.kd import teacher as teachers
+
+        acc, t0 = ctx.accelerator, time.time()
+        with torch.random.fork_rng(devices=[]):
+            model = teachers.load_teacher_model(self.teacher, acc.device)
+            inputs = self._teacher_inputs(ctx, model)
+            logits = logit_cache.compute_teacher_logits(model, inputs, int(ctx.cfg.trainer.eval_batch_size),
+                                                        acc.device, acc.autocast)
+        logit_cache.save_logit_cache(path, inputs.idx, logits, {
+            "task": ctx.task.name, "teacher": str(self.teacher.checkpoint_dir),
+            "max_length": self._max_length(ctx), "num_examples": len(inputs)})
+        del model
+        self.stats.update(cache_built=True, cache_build_s=time.time() - t0)
 
     # ---------------------------------------------------------------- loop hooks
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
@@ -189,8 +197,13 @@ class KnowledgeDistillation(Objective):
 
     # ---------------------------------------------------------------- reporting
     def result_fields(self) -> dict:
-        """results.json fields known only once the teacher is resolved."""
-        return {"teacher_objective": self.teacher.objective, "teacher_model": self.teacher.model}
+        """results.json fields known only once the teacher is resolved: its objective and model, and
+        ``teacher`` = {"objective", "hash", "run_dir"} (the same objective and hash the run
+        directory's ``-from-<objective>-<hash>`` suffix shows)."""
+        from cmiexp.objectives.kd.teacher import teacher_record
+
+        return {"teacher_objective": self.teacher.objective, "teacher_model": self.teacher.model,
+                "teacher": teacher_record(self.teacher)}
 
     def summary(self) -> dict:
         """Teacher provenance and cost, for results.json ``objective_summary``.
