@@ -27,6 +27,15 @@ def test_flownib_mini_overlay(model):
     assert int(t["eval_every"]) > steps  # never reached: the only evaluation is the final one
 
 
+def test_flownib_probe_mini_overlay():
+    cfg = OmegaConf.to_container(compose_config(["experiment=flownib_probe_mini", "model=tiny-gpt2"]), resolve=True)
+    o = cfg["objective"]
+    assert o["name"] == "flownib" and o["probe"] is True and cfg["task"]["name"] == "glue/rte"
+    assert cfg["head"]["name"] == "pooling"  # the head of the flownib_mini runs it probes (checked against the source)
+    # The paper's schedule shape: alpha reaches 0 half way (T=2000, delta=0.001 -> step 1000), then I(Z;Y) alone.
+    assert 1 / o["delta"] == pytest.approx(o["steps"] / 2)
+
+
 @pytest.mark.slow
 def test_eval_once_at_the_end_then_probe(cmiexp_env, tmp_path):
     """A shrunk flownib_mini run (tiny-gpt2, 2 epochs) is evaluated exactly once, after its last step, so its
@@ -42,10 +51,10 @@ def test_eval_once_at_the_end_then_probe(cmiexp_env, tmp_path):
     assert [e["step"] for e in evals] == [6]
     assert res["best"]["step"] == res["final"]["step"] == 6 and res["best"]["metrics"] == res["final"]["metrics"]
 
-    run_cli(["experiment=flownib_probe", f"objective.source={res_path.parent}", "task=glue/rte", "model=tiny-gpt2",
-             "head=pooling", "seed=1", f"task.data_dir={GLUE}", "objective.steps=20", "objective.max_samples=64",
+    run_cli(["experiment=flownib_probe_mini", f"objective.source={res_path.parent}", "model=tiny-gpt2", "seed=1",
+             f"task.data_dir={GLUE}", "objective.steps=20", "objective.delta=0.1", "objective.max_samples=64",
              "objective.batch_size=32"], env)
-    (probe,) = (out / "runs" / "flownib_probe").rglob("flownib.json")
+    (probe,) = (out / "runs" / "flownib_probe_mini").rglob("flownib.json")
     layers = json.loads(probe.read_text())["layers"]
     assert [e["layer"] for e in layers] == [1, 2]  # tiny-gpt2 has two blocks: one OIC point each
     pres = json.loads((probe.parent / "results.json").read_text())
