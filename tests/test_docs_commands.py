@@ -182,6 +182,8 @@ def reduce_segment(seg: str) -> tuple[str, str]:
         prog, args = "cmiexp", args[2:]
     if prog in {"python", "python3"} and args[:2] == ["-m", "cmiexp.dry_run"]:
         return "run", seg
+    if prog in {"python", "python3"} and args[:2] == ["-m", "cmiexp.objectives.kd"]:
+        return "run", plus(CMIEXP_REDUCTION)  # trains the teacher of a KD config: the same reduction
     if prog == "cmiexp":
         if CHEAP_CMIEXP_FLAGS & set(args):
             return "run", seg
@@ -197,6 +199,13 @@ def reduce_segment(seg: str) -> tuple[str, str]:
         return "run", plus(["--dry-run"])
     if prog in {"python", "python3"} and args and re.fullmatch(r"(benchmarks|scripts)/\w+\.py", args[0]):
         return "options", shlex.join(args)
+    if prog in {"python", "python3"} and args[:2] == ["-m", "pytest"]:
+        # A part of the suite, which runs it anyway: the named test files must exist.
+        return "exists", shlex.join([a for a in args[2:] if a.startswith("tests/")] or ["tests"])
+    if prog == "bash" and args and re.fullmatch(r"benchmarks/\w+\.sh", args[0]):
+        # Shell benchmarks (benchmarks/gpu_check.sh --cpu-smoke runs in tests/test_benchmarks.py): the script
+        # must exist and name each documented option.
+        return "options", shlex.join(args)
     raise NoReduction(f"no reduction rule for '{prog}': give it one in tests/test_docs_commands.py or mark "
                       "its block `bash needs-hub` / `bash needs-gpu`")
 
@@ -208,6 +217,9 @@ def missing_options(argv: list[str]) -> list[str]:
     if not script.is_file():
         return [f"{argv[0]} does not exist"]
     source = script.read_text(encoding="utf-8")
+    if script.suffix == ".sh":  # a shell script names its options in its argument parsing
+        return [f"{argv[0]} has no option {opt}" for opt in argv[1:]
+                if opt.startswith("--") and opt.split("=")[0] not in source]
     return [f"{argv[0]} has no option {opt}" for opt in argv[1:]
             if opt.startswith("--") and not re.search(r"add_argument\([^)]*[\"']" + re.escape(opt.split("=")[0]) + "[\"']", source)]
 
@@ -226,6 +238,8 @@ def reduce_command(cmd: DocCommand, ci: set[str]) -> tuple[str | None, list[str]
                 problems.append(f"'{line}' is not what .ci/run runs ({sorted(ci)})")
         elif kind == "options":
             problems += missing_options(shlex.split(line))
+        elif kind == "exists":
+            problems += [f"{p} does not exist" for p in shlex.split(line) if not (REPO / p.split("::")[0]).exists()]
         else:
             runnable.append(line)
     return (" && ".join(runnable) or None), problems
