@@ -560,6 +560,7 @@ class Run:
                     batch, weight, global_rows = drop_padded_rows(
                         batch, state.batches_in_epoch, acc.process_index, acc.num_processes, int(t.batch_size),
                         len(self.train_ds))
+                    ctx.extra["batch_weight"] = weight  # 0: this process holds only padding rows
                     with acc.accumulate(model):
                         loss, extra = objective.compute_loss(model, batch, ctx)
                         watch.observe(loss, state.global_step, epoch)
