@@ -220,7 +220,8 @@ def test_length_grouped_online_cmi_run_is_the_same_on_two_processes(cmiexp_env, 
     m_state = load_file(str(multi_dir / "checkpoint" / "latest" / "objective_state.safetensors"))
     # The last epoch's sums count each of the 72 training rows once (no padding duplicates).
     assert float(s_state["centroids.online"][:, -1].sum()) == float(m_state["centroids.online"][:, -1].sum()) == 72
-    torch.testing.assert_close(m_state["centroids.online"], s_state["centroids.online"], rtol=0, atol=1e-5)
+    # Sums of up to 36 probabilities: fp32 training on 1 vs 2 processes agrees to ~1e-6 relative.
+    torch.testing.assert_close(m_state["centroids.online"], s_state["centroids.online"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
