@@ -334,7 +334,7 @@ class Run:
     # ------------------------------------------------------------------ setup
     def _setup_accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, TorchDynamoPlugin, set_seed
+        from accelerate.utils import DataLoaderConfiguration, set_seed
 
         t = self.cfg.trainer
         self.accelerator = Accelerator(
@@ -345,10 +345,6 @@ class Run:
             # A seedable sampler makes the shuffle order a function of (seed, epoch): resume-safe
             # and identical for 1 and N processes.
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-            # trainer.compile: torch.compile through Accelerate's dynamo support (opt-in; dynamic shapes
-            # because dynamic padding changes the sequence length from batch to batch).
-            **({"dynamo_plugin": TorchDynamoPlugin(backend="inductor", dynamic=True)} if bool(t.get("compile", False))
-               else {}),
         )
         set_seed(int(self.cfg.seed))
 

@@ -22,7 +22,7 @@ TRAINER_SCHEMA = {
     "num_workers": ("int", 0, True, False), "log_every": ("int", 1, True, False),
     "stop_after_steps": ("int", 1, True, True),
 }
-BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu", "group_by_length", "compile")
+BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu", "group_by_length")
 RETENTION_CHOICES = ("full", "weights", "none")
 
 
