@@ -140,3 +140,30 @@ def test_gpu_check_cpu_smoke_prints_one_table_with_finite_numbers(tmp_path):
     layers, d = config.num_hidden_layers, config.hidden_size
     expected = sum(6 * n_layer * L + 12 * layers * d * L * L + 6 * n_head for L in hf["lengths"]) / len(hf["lengths"])
     assert raw["flops_per_example"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_bench_trainer_quick_prints_every_config_and_the_goal_ratios():
+    out = _run(["benchmarks/bench_trainer.py", "--quick"])
+    assert "machine: " in out and "repeats=1" in out
+    table = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 5 and parts[0] in ("hf_trainer", "ce", "ce_no_grouping", "cmi_min_online", "cmi_min_epoch",
+                                            "mcmi_online", "mcmi_fixed", "kd_cached"):
+            table[parts[0]] = {"sps": float(parts[1]), "time": float(parts[2]), "centroid": float(parts[3]),
+                               "peak": float(parts[4])}
+    assert len(table) == 8, out
+    assert all(r["sps"] > 0 and r["peak"] > 0 for r in table.values())
+    # Full-pass modes spend time in centroid passes, online ones none.
+    assert table["cmi_min_epoch"]["centroid"] > 0 and table["mcmi_fixed"]["centroid"] > 0
+    assert table["cmi_min_online"]["centroid"] == table["mcmi_online"]["centroid"] == 0
+    # The ratios agree with the table (one repeat: a ratio of times is the inverse ratio of samples/s).
+    g1 = float(re.search(r"ce / HF Trainer throughput: ([0-9.]+)x", out).group(1))
+    assert g1 == pytest.approx(table["ce"]["sps"] / table["hf_trainer"]["sps"], rel=0.02)
+    for name in ("cmi_min_online", "cmi_min_epoch", "mcmi_online", "mcmi_fixed"):
+        pct = float(re.search(rf"{name} epoch time over ce, centroid work included: ([-+0-9.]+)%", out).group(1))
+        assert pct == pytest.approx(100 * (table["ce"]["sps"] / table[name]["sps"] - 1), abs=2.0), name
+    kd = float(re.search(r"kd \(cached teacher logits\) epoch time / ce: ([0-9.]+)x", out).group(1))
+    assert kd == pytest.approx(table["ce"]["sps"] / table["kd_cached"]["sps"], rel=0.02)
+    assert re.search(r"cache build \(once, reused by every epoch and seed\): [0-9.]+ s", out)

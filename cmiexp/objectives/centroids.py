@@ -8,6 +8,13 @@ Modes
 ``ema``    one full pass initialises them; afterwards every training batch moves them by
            Q_y <- m * Q_y + (1 - m) * mean_{x in batch, y_x = y} P_x (classes absent from the
            batch keep their centroid).
+``online`` no full pass at all: the softmax outputs of the training forward passes (already
+           computed for the loss) are summed per class over the epoch, and at the epoch's end
+           their class means become the next epoch's Q_y. In the first epoch Q_y is the running
+           class mean of the outputs seen so far in that epoch, this batch included (on the first
+           batch that is the batch's own class means, i.e. the mini-batch CMI). The batch sums
+           are all-reduced every step (a [C, C+1] tensor, no host synchronisation), so every
+           process, and the checkpoint rank 0 writes, holds the global sums.
 
 Distributed use: each process accumulates per-class *sums* and *counts* over its own shard;
 ``finalize(reduce_fn)`` SUMs both across processes before dividing, so every rank ends with
@@ -27,7 +34,7 @@ from cmiexp.errors import CheckpointError, DataError
 
 ReduceFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
 
-MODES = ("fixed", "epoch", "ema")
+MODES = ("fixed", "epoch", "ema", "online")
 
 
 def class_sums(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,6 +99,9 @@ class CentroidEstimator:
         self.initialized = False
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+        # online mode: [C, C + 1] float64, per-class probability sums and (last column) counts of
+        # the current epoch, summed over processes. None = nothing seen yet this epoch.
+        self.online: torch.Tensor | None = None
 
     # --- schedule ---------------------------------------------------------------------------
     def needs_full_pass(self, epoch: int) -> bool:
@@ -100,6 +110,8 @@ class CentroidEstimator:
         no centroids yet (a fresh run's epoch 0 -- never after a resume restored the state)."""
         if self.mode == "epoch":
             return True
+        if self.mode == "online":
+            return False
         return not self.initialized
 
     # --- full pass ----------------------------------------------------------------------------
@@ -181,19 +193,65 @@ class CentroidEstimator:
         self.centroids = new.float().to(self.centroids.device)
         return self.centroids
 
+    # --- online -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def online_add(self, logits: torch.Tensor, labels: torch.Tensor, reduce_fn: ReduceFn | None = None,
+                   valid: torch.Tensor | None = None) -> None:
+        """Add one training batch's softmax outputs to this epoch's per-class sums (summed over
+        processes with ``reduce_fn`` first; every rank must call it every step). ``valid`` marks the
+        rows to count (False: duplicated padding rows)."""
+        probs = F.softmax(logits.detach().float(), dim=-1).double()
+        labels = labels.detach().long()
+        if valid is not None:
+            valid = valid.to(device=probs.device, dtype=torch.bool)
+            probs, labels = probs[valid], labels[valid]
+        sums, counts = class_sums(probs, labels, self.num_classes)
+        packed = _reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1).contiguous(), reduce_fn)
+        self.online = packed.clone() if self.online is None else self.online + packed.to(self.online.device)
+
+    def online_running(self) -> torch.Tensor:
+        """Class means of the outputs seen so far this epoch ([C, C] fp32); a class not seen yet gets
+        the uniform row (it is used by no row of the loss until one of its examples arrives)."""
+        if self.online is None:
+            return self.centroids
+        sums, counts = self.online[:, :-1], self.online[:, -1:]
+        uniform = torch.full_like(sums, 1.0 / self.num_classes)
+        return torch.where(counts > 0, sums / counts.clamp_min(1), uniform).float()
+
+    @torch.no_grad()
+    def online_finish(self) -> torch.Tensor:
+        """End of an epoch: its class means become the centroids. Raises DataError if a class was
+        never seen in the epoch."""
+        if self.online is None:
+            raise RuntimeError("online_finish called before any online_add")
+        counts = self.online[:, -1]
+        absent = [int(i) for i in torch.nonzero(counts == 0).flatten().tolist()]
+        if absent:
+            raise DataError(_absent_message(absent))
+        self.centroids = (self.online[:, :-1] / counts.unsqueeze(1)).float().to(self.centroids.device)
+        self.counts = counts.detach().cpu().clone()
+        self.initialized = True
+        self.online = None
+        return self.centroids
+
     # --- device / checkpoint ------------------------------------------------------------------
     def to(self, device: torch.device | str) -> "CentroidEstimator":
         """Move the centroids (used every step by the loss) to ``device``."""
         self.centroids = self.centroids.to(device)
+        if self.online is not None:
+            self.online = self.online.to(device)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (safetensors-friendly): centroids, counts, initialized (0/1 int64)."""
-        return {
+        state = {
             "centroids": self.centroids.detach().cpu().contiguous().clone(),
             "counts": self.counts.detach().cpu().contiguous().clone(),
             "initialized": torch.tensor(int(self.initialized), dtype=torch.int64),
         }
+        if self.online is not None:  # a mid-epoch checkpoint keeps the epoch's partial sums
+            state["online"] = self.online.detach().cpu().contiguous().clone()
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for key in ("centroids", "counts", "initialized"):
@@ -213,3 +271,7 @@ class CentroidEstimator:
         self.counts = state["counts"].to(torch.float64).clone()
         self.initialized = bool(int(state["initialized"].reshape(-1)[0]))
         self.reset_accumulators()
+        online = state.get("online")
+        if online is not None and tuple(online.shape) != (c, c + 1):
+            raise CheckpointError(f"checkpoint key 'online' has shape {tuple(online.shape)}, expected ({c}, {c + 1})")
+        self.online = None if online is None else online.to(dtype=torch.float64, device=self.centroids.device).clone()

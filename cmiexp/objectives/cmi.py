@@ -243,15 +243,18 @@ def cmi_diagnostics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int
 # --------------------------------------------------------------------------------------------
 # Per-batch losses
 # --------------------------------------------------------------------------------------------
-def _parts(**vals: torch.Tensor) -> dict[str, float]:
-    # One device sync for all logged scalars instead of one per .item().
+def _parts(as_tensors: bool = False, **vals: torch.Tensor) -> dict[str, float]:
+    # as_tensors: detached 0-d tensors, read by the training loop at log time (no host sync per step);
+    # otherwise one device sync for all logged scalars instead of one per .item().
+    if as_tensors:
+        return {k: v.detach().float() for k, v in vals.items()}
     stacked = torch.stack([v.detach().float() for v in vals.values()]).tolist()
     return dict(zip(vals.keys(), stacked))
 
 
 def cmi_min_loss(
     logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float, beta: float,
-    gamma_clamp: float | None = None,
+    gamma_clamp: float | None = None, as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CMI-constrained loss: CE + lam * mean KL(P_x || Q_y) - beta * Gamma-hat.
 
@@ -266,11 +269,11 @@ def cmi_min_loss(
     kl = kl_to_centroids(lp, labels, centroids).mean()
     gamma = separation(lp, labels, detach_second=True, prob_clamp=gamma_clamp)
     loss = ce + lam * kl - beta * gamma
-    return loss, _parts(ce=ce, kl=kl, gamma=gamma)
+    return loss, _parts(as_tensors, ce=ce, kl=kl, gamma=gamma)
 
 
 def mcmi_loss(
-    logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float
+    logits: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor, lam: float, as_tensors: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Max-CMI teacher loss: CE - lam * mean KL(P_x || Q_y) (reference lam = 0.15).
 
@@ -282,4 +285,4 @@ def mcmi_loss(
     ce = F.cross_entropy(z, labels)
     kl = kl_to_centroids(F.log_softmax(z, dim=-1), labels, centroids).mean()
     loss = ce - lam * kl
-    return loss, _parts(ce=ce, kl=kl)
+    return loss, _parts(as_tensors, ce=ce, kl=kl)

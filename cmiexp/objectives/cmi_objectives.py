@@ -152,6 +152,8 @@ class _CentroidObjective(Objective):
         # Epoch whose start the current centroids were computed at (-1 = none yet). Lets a
         # mid-epoch resume in ``epoch`` mode keep the centroids the interrupted epoch used.
         self.centroid_epoch = -1
+        # online mode: the epoch whose training outputs the estimator's running sums hold (-1 = none).
+        self.online_epoch = -1
 
     @property
     def mode(self) -> str:
@@ -161,11 +163,16 @@ class _CentroidObjective(Objective):
         self.estimator.to(ctx.accelerator.device)
 
     def _needs_pass(self, epoch: int) -> bool:
+        if self.mode == "online":
+            return False  # the centroids come from the training forward passes
         if not self.estimator.initialized:
             return True
         return self.mode == "epoch" and self.centroid_epoch != epoch
 
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
+        if self.mode == "online":
+            self._online_epoch_start(epoch)
+            return
         if not self._needs_pass(epoch):
             return
         import time
@@ -177,6 +184,37 @@ class _CentroidObjective(Objective):
         self.passes_total += 1
         self.passes_session += 1
         self.centroid_epoch = int(epoch)
+
+    def _online_epoch_start(self, epoch: int) -> None:
+        # The sums of the previous epoch become this epoch's Q; a resume in the middle of an epoch
+        # (online_epoch == epoch) keeps the partial sums and the Q that epoch started with.
+        if self.online_epoch == epoch:
+            return
+        if self.online_epoch >= 0 and self.estimator.online is not None:
+            self.estimator.online_finish()
+            self.centroid_epoch = int(epoch)
+        self.estimator.online = None
+        self.online_epoch = int(epoch)
+
+    def _observe(self, logits: torch.Tensor, labels: torch.Tensor, ctx: TrainContext) -> None:
+        """online mode: add this batch's outputs to the epoch's class sums. A process holding only
+        padding rows of the last global batch (loss weight 0) adds nothing but joins the all-reduce."""
+        if self.mode != "online":
+            return
+        valid = None
+        if float(ctx.extra.get("batch_weight", 1.0)) == 0.0:
+            valid = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        self.estimator.online_add(logits.detach(), labels, valid=valid,
+                                  reduce_fn=lambda t: ctx.accelerator.reduce(t, "sum"))
+
+    def _loss_centroids(self, logits: torch.Tensor, labels: torch.Tensor, ctx: TrainContext) -> torch.Tensor:
+        """Q_y for this batch's loss. online mode: adds the batch to the epoch's sums first; before
+        the first epoch has ended, Q is the running class mean (this batch included)."""
+        if self.mode == "online":
+            self._observe(logits, labels, ctx)
+            if not self.estimator.initialized:
+                return self.estimator.online_running().to(logits.device)
+        return self._centroids(logits.device)
 
     def _centroids(self, device) -> torch.Tensor:
         if not self.estimator.initialized:
@@ -198,6 +236,8 @@ class _CentroidObjective(Objective):
         state = {f"centroids.{k}": v for k, v in self.estimator.state_dict().items()}
         state["centroid_passes"] = torch.tensor(self.passes_total, dtype=torch.int64)
         state["centroid_epoch"] = torch.tensor(self.centroid_epoch, dtype=torch.int64)
+        if self.mode == "online":
+            state["online_epoch"] = torch.tensor(self.online_epoch, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -206,6 +246,8 @@ class _CentroidObjective(Objective):
             self.passes_total = int(state["centroid_passes"].reshape(-1)[0])
         if "centroid_epoch" in state:
             self.centroid_epoch = int(state["centroid_epoch"].reshape(-1)[0])
+        if "online_epoch" in state:
+            self.online_epoch = int(state["online_epoch"].reshape(-1)[0])
 
     def summary(self) -> dict:
         return {
@@ -217,6 +259,8 @@ class _CentroidObjective(Objective):
             "centroid_pass_s": self.pass_seconds,
             "centroid_epoch": self.centroid_epoch,
             "full_pass_mode": self.full_pass_mode,
+            "centroid_rows": (self.estimator.centroids.detach().float().cpu().tolist()
+                              if self.estimator.initialized and self.estimator.num_classes <= 10 else None),
         }
 
 
@@ -237,8 +281,8 @@ class CmiMin(_CentroidObjective):
 
     def loss(self, batch, outputs, ctx):
         labels = batch["labels"]
-        loss, parts = cmi_min_loss(outputs.logits, labels, self._centroids(outputs.logits.device), self.lam, self.beta,
-                                   gamma_clamp=self.gamma_clamp)
+        loss, parts = cmi_min_loss(outputs.logits, labels, self._loss_centroids(outputs.logits, labels, ctx), self.lam,
+                                   self.beta, gamma_clamp=self.gamma_clamp, as_tensors=True)
         self._ema(outputs.logits, labels, ctx)
         return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"], "gamma": parts["gamma"],
                       "beta_gamma": self.beta * parts["gamma"]}
@@ -269,7 +313,8 @@ class MaxCmiTeacher(_CentroidObjective):
 
     def loss(self, batch, outputs, ctx):
         labels = batch["labels"]
-        loss, parts = mcmi_loss(outputs.logits, labels, self._centroids(outputs.logits.device), self.lam)
+        loss, parts = mcmi_loss(outputs.logits, labels, self._loss_centroids(outputs.logits, labels, ctx), self.lam,
+                                as_tensors=True)
         self._ema(outputs.logits, labels, ctx)
         return loss, {"ce": parts["ce"], "kl": parts["kl"], "lam_kl": self.lam * parts["kl"]}
 

@@ -27,6 +27,7 @@ IDENTITY_EXCLUDED_KEYS = (
     "trainer.stop_after_steps",
     "trainer.progress_bar",
     "trainer.num_workers",
+    "trainer.pin_memory",         # where loader batches live before the copy, not what they hold
     "trainer.log_every",
     "trainer.save_every",         # resume is exact whatever the checkpoint cadence
     "trainer.checkpoint_retention",

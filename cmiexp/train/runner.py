@@ -95,7 +95,7 @@ def _parse_every(value, name: str) -> int | None:
     return v
 
 
-def _optimizer(model, cfg):
+def _optimizer(model, cfg, device="cpu"):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
@@ -103,9 +103,12 @@ def _optimizer(model, cfg):
         # Biases and normalisation weights are not decayed (standard BERT recipe).
         (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
     t = cfg.trainer
+    # On CUDA the fused AdamW kernel updates every parameter in one launch; elsewhere torch's default
+    # (foreach where supported) is kept. Same update rule either way.
+    fused = {"fused": True} if torch.device(device).type == "cuda" else {}
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": float(t.weight_decay)}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=float(t.lr), betas=tuple(t.adam_betas), eps=float(t.adam_eps),
+        lr=float(t.lr), betas=tuple(t.adam_betas), eps=float(t.adam_eps), **fused,
     )
 
 
@@ -119,6 +122,26 @@ def _scheduler(optimizer, cfg, total_steps: int, num_processes: int = 1):
     # schedule is laid out in those units to keep the lr curve independent of the process count.
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup * num_processes,
                          num_training_steps=total_steps * num_processes)
+
+
+def loader_pin_memory(t, device) -> bool:
+    """trainer.pin_memory: auto = on for CUDA (host-to-device copies overlap compute), off on CPU."""
+    value = t.get("pin_memory", "auto")
+    if str(value) == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(value)
+
+
+def train_sampler(train_ds, cfg, num_processes: int):
+    """The training sampler: length-grouped (trainer.group_by_length, default) or None for the plain
+    seeded shuffle (Accelerate's seedable sampler). Grouping is over global batches (per-process batch
+    x processes), so 1 and N processes train on the same batches."""
+    t = cfg.trainer
+    if not bool(t.get("group_by_length", False)):
+        return None
+    from cmiexp.data.length_grouping import LengthGroupedSampler, sequence_lengths
+
+    return LengthGroupedSampler(sequence_lengths(train_ds), int(t.batch_size) * int(num_processes), int(cfg.seed))
 
 
 def _batch_len(batch: dict) -> int:
@@ -151,6 +174,39 @@ def drop_padded_rows(batch: dict, local_index: int, rank: int, world: int, batch
         batch = {k: (v[:real] if hasattr(v, "shape") and v.ndim > 0 and v.shape[0] == n else v)
                  for k, v in batch.items()}
     return batch, real * world / global_real, global_real
+
+
+def logged_scalars(extra: dict) -> dict:
+    """An objective's extra terms as floats, read once at log time (they may be device tensors)."""
+    tensors = {k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}
+    out = {k: v for k, v in extra.items() if k not in tensors}
+    if tensors:  # one host synchronisation for all of them
+        values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()
+        out.update(zip(tensors, values))
+    return out
+
+
+class FiniteLossWatch:
+    """Remembers, on the device, the first step whose loss was not finite; ``check`` (called at log,
+    eval, checkpoint and epoch-end time, never per step) raises TrainingDiverged naming that step."""
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.epoch = torch.full((), -1, dtype=torch.long, device=device)
+        self.value = torch.zeros((), device=device)
+
+    def observe(self, loss: torch.Tensor, step: int, epoch: int) -> None:
+        loss = loss.detach().float().reshape(())
+        new = ~torch.isfinite(loss) & (self.step < 0)
+        self.step = torch.where(new, torch.full_like(self.step, step), self.step)
+        self.epoch = torch.where(new, torch.full_like(self.epoch, epoch), self.epoch)
+        self.value = torch.where(new, loss, self.value)
+
+    def check(self) -> None:
+        step, epoch, value = torch.stack([self.step.double(), self.epoch.double(), self.value.double()]).tolist()
+        if step >= 0:
+            raise TrainingDiverged(f"loss is {value} at step {int(step)} (epoch {int(epoch)}); lower trainer.lr "
+                                   "or check the objective's weights")
 
 
 class ClassificationAdapter:
@@ -214,14 +270,20 @@ class ClassificationAdapter:
             ["token_type_ids"] if "token_type_ids" in run.input_keys and "token_type_ids" in run.train_ds.column_names else [])
         collate = DataCollatorWithPadding(run.tokenizer, pad_to_multiple_of=None)
 
-        def make(ds, shuffle, bs):
+        workers = int(t.num_workers)
+        # Pinned host memory lets the copy to a GPU overlap compute; it only costs on CPU.
+        pin = loader_pin_memory(t, run.accelerator.device)
+
+        def make(ds, shuffle, bs, sampler=None):
             ds = ds.with_format(columns=[c for c in cols if c in ds.column_names])
             g = torch.Generator()
             g.manual_seed(int(run.cfg.seed))
-            return DataLoader(ds, batch_size=bs, shuffle=shuffle, collate_fn=collate,
-                              num_workers=int(t.num_workers), generator=g)
+            return DataLoader(ds, batch_size=bs, shuffle=shuffle if sampler is None else False, sampler=sampler,
+                              collate_fn=collate, num_workers=workers, generator=g, pin_memory=pin,
+                              persistent_workers=workers > 0)
 
-        run.train_loader = make(run.train_ds, True, int(t.batch_size))
+        run.train_loader = make(run.train_ds, True, int(t.batch_size), train_sampler(run.train_ds, run.cfg,
+                                                                                     run.accelerator.num_processes))
         run.full_train_loader = make(run.train_ds, False, int(t.eval_batch_size))
         run.eval_loaders = {a: make(d, False, int(t.eval_batch_size)) for a, d in run.eval_ds.items()}
         if t.eval_on_train:
@@ -383,7 +445,7 @@ class Run:
                        num_train_samples=len(self.train_ds),
                        num_eval_samples={a: len(d) for a, d in self.eval_ds.items()})
 
-        optimizer = _optimizer(self.model, cfg)
+        optimizer = _optimizer(self.model, cfg, acc.device)
         steps_per_epoch_global = math.ceil(len(self.train_ds) / (int(t.batch_size) * acc.num_processes))
         updates_per_epoch = math.ceil(steps_per_epoch_global / int(t.grad_accum))
         total_steps = int(t.max_steps) if int(t.max_steps) > 0 else updates_per_epoch * int(t.epochs)
@@ -472,7 +534,11 @@ class Run:
         time_before = state.train_time_s
         samples_at_start = state.samples_seen
         last_metrics: dict = {}
-        running_loss, running_n = 0.0, 0
+        # The step keeps everything on the device (no float(loss) per step, no host synchronisation):
+        # the running loss and the first non-finite loss are device tensors read at log, eval,
+        # checkpoint and epoch-end time.
+        running_loss, running_n = torch.zeros((), device=acc.device), 0
+        watch = FiniteLossWatch(acc.device)
         interrupted = False
         pbar = TrainProgress(total_steps, state.global_step,
                              enabled=acc.is_local_main_process and bool(t.progress_bar)).start()
@@ -493,12 +559,10 @@ class Run:
                     batch, weight, global_rows = drop_padded_rows(
                         batch, state.batches_in_epoch, acc.process_index, acc.num_processes, int(t.batch_size),
                         len(self.train_ds))
+                    ctx.extra["batch_weight"] = weight  # 0: this process holds only padding rows
                     with acc.accumulate(model):
                         loss, extra = objective.compute_loss(model, batch, ctx)
-                        if not torch.isfinite(loss.detach()):
-                            raise TrainingDiverged(
-                                f"loss is {loss.item()} at step {state.global_step} (epoch {epoch}); lower trainer.lr "
-                                "or check the objective's weights")
+                        watch.observe(loss, state.global_step, epoch)
                         acc.backward(loss * weight if weight != 1.0 else loss)
                         if acc.sync_gradients and t.max_grad_norm:
                             acc.clip_grad_norm_(model.parameters(), float(t.max_grad_norm))
@@ -507,31 +571,38 @@ class Run:
                         optimizer.zero_grad()
                     state.batches_in_epoch += 1
                     state.samples_seen += global_rows
-                    running_loss += float(loss.detach())
+                    running_loss += loss.detach().float()
                     running_n += 1
                     if not acc.sync_gradients:
                         continue
                     state.global_step += 1
                     ctx.global_step = state.global_step
                     objective.after_step(ctx)
-                    pbar.update(state.global_step, loss)
-                    if state.global_step % int(t.log_every) == 0 and acc.is_main_process:
-                        rec = {"train/loss": running_loss / max(running_n, 1), "train/lr": scheduler.get_last_lr()[0],
-                               **{f"train/{k}": v for k, v in extra.items()}}
-                        tracker.log(rec, state.global_step)
-                        append_jsonl(self.run_dir / TRAIN_LOG, {"step": state.global_step, **rec})
-                        running_loss, running_n = 0.0, 0
+                    pbar.update(state.global_step, loss)  # the bar reads the loss only when it draws
+                    if state.global_step % int(t.log_every) == 0:
+                        watch.check()  # every rank: a diverged run stops before it logs, evaluates or saves
+                        if acc.is_main_process:
+                            rec = {"train/loss": float(running_loss) / max(running_n, 1),
+                                   "train/lr": scheduler.get_last_lr()[0],
+                                   **{f"train/{k}": v for k, v in logged_scalars(extra).items()}}
+                            tracker.log(rec, state.global_step)
+                            append_jsonl(self.run_dir / TRAIN_LOG, {"step": state.global_step, **rec})
+                        running_loss.zero_()
+                        running_n = 0
                     if eval_every and state.global_step % eval_every == 0:
+                        watch.check()
                         last_metrics = do_eval(False)
                         model.train()
                     done = state.global_step >= total_steps
                     if not done and save_every and state.global_step % save_every == 0:
+                        watch.check()
                         checkpoint()
                     if self.stop.signum is not None or (stop_after and state.global_step >= int(stop_after)):
                         interrupted = True
                         break
                     if done:
                         break
+                watch.check()
                 if interrupted:
                     break
                 # End of epoch (or of max_steps): evaluate, then move the data position on.

@@ -22,7 +22,7 @@ TRAINER_SCHEMA = {
     "num_workers": ("int", 0, True, False), "log_every": ("int", 1, True, False),
     "stop_after_steps": ("int", 1, True, True),
 }
-BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu")
+BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu", "group_by_length")
 RETENTION_CHOICES = ("full", "weights", "none")
 
 
@@ -67,6 +67,8 @@ def check_config(cfg: DictConfig) -> None:
         share_ok = False
     if not share_ok:
         raise ConfigError(f"trainer.collapse_share={share!r} must be a fraction in (0, 1]")
+    if str(t.get("pin_memory", "auto")) not in ("auto", "True", "False", "true", "false"):
+        raise ConfigError(f"trainer.pin_memory={t.pin_memory!r}; valid choices: auto, true, false")
     if t.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")
     if str(t.resume) not in ("auto", "True", "False", "true", "false"):

@@ -143,7 +143,7 @@ class KnowledgeDistillation(Objective):
                                   f"{ctx.task.name} has {ctx.task.num_labels}; delete the file to rebuild it")
             cache = logit_cache.LogitCache(idx, logits).to(device)
             self.stats.update(cache_file=str(path), cache_examples=int(len(idx)))
-            self._teacher_fn = cache
+            self._teacher_fn = self._unchecked_lookup(cache, ctx)
         else:
             model = teachers.load_teacher_model(self.teacher, device)
             with acc.main_process_first():  # rank 0 writes the tokenisation cache, the others read it
@@ -173,6 +173,25 @@ class KnowledgeDistillation(Objective):
         del model
         self.stats.update(cache_built=True, cache_build_s=time.time() - t0)
 
+    @staticmethod
+    def _unchecked_lookup(cache, ctx):
+        """Per-step lookup of cached logits without a host synchronisation: every training idx is
+        checked against the cache once here (the check raises naming the missing idx), so the step
+        only gathers rows on the device. Falls back to the checked lookup when the training idx
+        cannot be read."""
+        from cmiexp.objectives.kd.logit_cache import lookup_positions
+
+        train = getattr(ctx.task, "train", None)
+        if train is None or "idx" not in getattr(train, "column_names", ()):
+            return cache
+        lookup_positions(cache.position, torch.as_tensor(train["idx"]))
+        position, logits = cache.position, cache.logits
+
+        def lookup(idx: torch.Tensor) -> torch.Tensor:
+            return logits[position[idx.long().to(position.device)]]
+
+        return lookup
+
     # ---------------------------------------------------------------- loop hooks
     def on_epoch_start(self, ctx: TrainContext, epoch: int) -> None:
         self._close_epoch()
@@ -193,7 +212,8 @@ class KnowledgeDistillation(Objective):
         self._teacher_s += time.perf_counter() - t0
         loss, parts = kd_loss(outputs.logits, teacher_logits, batch["labels"], alpha=self.alpha,
                               temperature=self.temperature, is_regression=ctx.is_regression)
-        return loss, {"kd_supervised": float(parts["supervised"]), "kd_distill": float(parts["distill"])}
+        # Detached tensors: the loop reads them at log time (float() here would synchronise every step).
+        return loss, {"kd_supervised": parts["supervised"], "kd_distill": parts["distill"]}
 
     # ---------------------------------------------------------------- reporting
     def result_fields(self) -> dict:
