@@ -241,12 +241,12 @@ def test_fsdp2_on_two_gloo_processes_matches_one_process_and_its_checkpoint_load
 
 # --------------------------------------------------------------------- the run loop on CPU
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="this machine has CUDA: FSDP is applied there, so there is no CPU refusal to check")
 def test_fsdp_launch_on_cpu_is_refused_with_one_line(cmiexp_env, tmp_path):
     """Accelerate 1.15 runs CPU processes unsharded whatever the FSDP config says. If this test
     fails because the run completed, Accelerate has started applying FSDP on CPU: replace this
     test by a real 2-process FSDP run of cmiexp (results.json distributed_type FSDP)."""
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: FSDP is applied there, so there is no CPU refusal to check")
     env = dict(cmiexp_env, CMIEXP_OUTPUT_DIR=str(tmp_path))
     cmd = [*_accelerate_launch(), "--config_file", str(FSDP_CONFIG), "--num_processes", "2",
            "--fsdp_transformer_layer_cls_to_wrap", "BertLayer", "-m", "cmiexp", "task=glue/rte",

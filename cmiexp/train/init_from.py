@@ -57,6 +57,7 @@ def resolve_init(cfg: DictConfig, task, kind: str = "classification"):
 def check_init_compatible(info, cfg: DictConfig, task, kind: str = "classification") -> None:
     """Refuse a checkpoint this run cannot start from (one-line ConfigError naming the key)."""
     from cmiexp.models.heads import head_name
+    from cmiexp.objectives.kd.teacher import check_output_layout
 
     where = info.run_dir or info.checkpoint_dir
     fix = "point trainer.init_from at a run of this task and model (or unset it)"
@@ -75,15 +76,7 @@ def check_init_compatible(info, cfg: DictConfig, task, kind: str = "classificati
     mine = head_name(cfg)
     if info.head != mine:
         raise ConfigError(f"{KEY}: {where} has a head={info.head} model, but this run uses head={mine}; {fix}")
-    if info.is_regression != bool(task.is_regression):
-        what = "regression" if info.is_regression else "classification"
-        raise ConfigError(f"{KEY}: {where} is a {what} model, but task={task.name} is not; {fix}")
-    if info.num_labels != task.num_labels:
-        raise ConfigError(f"{KEY}: {where} has {info.num_labels} output labels, but task={task.name} has "
-                          f"{task.num_labels}; {fix}")
-    if info.label_names and not info.is_regression and list(task.label_names) != info.label_names:
-        raise ConfigError(f"{KEY}: {where} predicts labels {info.label_names}, but task={task.name} has labels "
-                          f"{list(task.label_names)}; {fix}")
+    check_output_layout(info, task, KEY, str(where), fix)
 
 
 def load_init_weights(model, info, load) -> None:

@@ -178,16 +178,7 @@ def check_compatible(info: TeacherInfo, task, key: str = "objective.teacher") ->
     if info.task and info.task != task.name:
         raise ConfigError(f"{key}: teacher {where} was trained on task={info.task}, but the student runs "
                           f"task={task.name}; use a teacher trained on {task.name}")
-    if info.is_regression != bool(task.is_regression):
-        kind = "regression" if info.is_regression else "classification"
-        raise ConfigError(f"{key}: teacher {where} is a {kind} model, but task={task.name} is not; "
-                          f"use a teacher trained on {task.name}")
-    if info.num_labels != task.num_labels:
-        raise ConfigError(f"{key}: teacher {where} has {info.num_labels} output labels, but task={task.name} "
-                          f"has {task.num_labels}; use a teacher trained on {task.name}")
-    if info.label_names and not info.is_regression and list(task.label_names) != info.label_names:
-        raise ConfigError(f"{key}: teacher {where} predicts labels {info.label_names}, but task={task.name} "
-                          f"has labels {list(task.label_names)}; use a teacher trained on {task.name}")
+    check_output_layout(info, task, key, f"teacher {where}", f"use a teacher trained on {task.name}")
     if info.is_regression:
         # The MSE distillation term compares raw outputs: both must predict targets on the same scale.
         mine = (getattr(task, "extra", None) or {}).get("target_scale")
@@ -197,6 +188,21 @@ def check_compatible(info: TeacherInfo, task, key: str = "objective.teacher") ->
         if info.run_dir is None and mine:
             log.warning("KD teacher %s is a bare checkpoint: cannot check that it predicts targets normalised as %s",
                         where, mine)
+
+
+def check_output_layout(info: TeacherInfo, task, key: str, subject: str, fix: str) -> None:
+    """Refuse a checkpoint whose outputs do not fit ``task`` (regression vs classification, label
+    count, label names): one ConfigError naming ``key``, ``subject`` and ``fix``. Shared by KD teachers
+    and ``trainer.init_from``."""
+    if info.is_regression != bool(task.is_regression):
+        kind = "regression" if info.is_regression else "classification"
+        raise ConfigError(f"{key}: {subject} is a {kind} model, but task={task.name} is not; {fix}")
+    if info.num_labels != task.num_labels:
+        raise ConfigError(f"{key}: {subject} has {info.num_labels} output labels, but task={task.name} "
+                          f"has {task.num_labels}; {fix}")
+    if info.label_names and not info.is_regression and list(task.label_names) != info.label_names:
+        raise ConfigError(f"{key}: {subject} predicts labels {info.label_names}, but task={task.name} "
+                          f"has labels {list(task.label_names)}; {fix}")
 
 
 def _same_scale(a: dict | None, b: dict | None) -> bool:
