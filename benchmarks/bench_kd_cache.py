@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from cmiexp.config import CONF_DIR, register_resolvers
+    from cmiexp.config import CONF_DIR
+    from cmiexp.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -18,7 +18,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cmiexp.config import CONF_DIR, register_resolvers
+from cmiexp.config import CONF_DIR
+from cmiexp.resolvers import register_resolvers
 from cmiexp.errors import CmiexpError
 from cmiexp.train.environment import FILE_ONLY
 from cmiexp.train.summary import format_metric, render_summary, summary_text  # noqa: F401 - format_metric kept importable here

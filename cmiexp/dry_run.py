@@ -467,7 +467,8 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from cmiexp.config import CONF_DIR, register_resolvers
+    from cmiexp.config import CONF_DIR
+    from cmiexp.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from cmiexp.resolvers import register_resolvers
+
+# The configs' resolvers (run id, KD teacher tag), as the entry points register them.
+register_resolvers()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 GLUE_DIR = SHARED_DATA / "glue"

@@ -249,9 +249,10 @@ def _hydra_for_compose() -> Iterator[None]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from cmiexp.config import CONF_DIR, register_resolvers
+    from cmiexp.config import CONF_DIR
 
-    register_resolvers()
+    # The teacher config is composed without its hydra node (no run directory to resolve), so it
+    # needs none of the resolvers the entry points register.
     if GlobalHydra.instance().is_initialized():
         yield
         return
