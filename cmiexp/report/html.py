@@ -19,8 +19,8 @@ from typing import Sequence
 from cmiexp.io import atomic_write_text
 from cmiexp.report.collect import RunRecord
 from cmiexp.report.curves import method_curves_png
-from cmiexp.report.render import (as_tables, average_legend, avg_digits, avg_text, cell_text, fmt_delta, metric_legend,
-                                  split_by_line)
+from cmiexp.report.render import (as_tables, average_legend, avg_digits, avg_text, fmt_delta, metric_legend,
+                                  result_row_texts, results_header, split_by_line)
 from cmiexp.report.specs import DASH, task_key
 from cmiexp.report.tables import Table
 
@@ -73,14 +73,7 @@ def table_html(t: Table) -> list[str]:
     if not t.columns:
         return out + ["<p>No runs.</p>"]
     ad = avg_digits(t)
-    header = ["Method", *[c.header for c in t.columns]] + (["Average"] if t.show_average else [])
-    body = []
-    for row in t.rows:
-        cells = [row.label] + [cell_text(row.cells.get(c.key), c.digits, "±", DASH) for c in t.columns]
-        if t.show_average:
-            cells.append(avg_text(row.average, row.average_count, t.average_of, ad, DASH))
-        body.append((row.kind, cells))
-    out += _html_table(header, body)
+    out += _html_table(results_header(t), [(row.kind, result_row_texts(t, row, ad)) for row in t.rows])
     out.append(f'<p class="legend">{_e(metric_legend(t))}. Cells: mean ± sample std (ddof=1) over seeds, '
                f"n = completed runs; {DASH} = no completed run."
                + _e(average_legend(t) if t.show_average else "") + "</p>")

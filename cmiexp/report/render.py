@@ -111,14 +111,7 @@ def _render_md_one(table: Table) -> str:
         out += ["No runs.", ""]
         return "\n".join(out)
     ad = avg_digits(table)
-    header = ["Method", *[c.header for c in table.columns]] + (["Average"] if table.show_average else [])
-    body = []
-    for row in table.rows:
-        line = [row.label] + [cell_text(row.cells.get(c.key), c.digits, "±", DASH) for c in table.columns]
-        if table.show_average:
-            line.append(avg_text(row.average, row.average_count, table.average_of, ad, DASH))
-        body.append(line)
-    out += _md_table(header, body)
+    out += _md_table(results_header(table), [result_row_texts(table, row, ad) for row in table.rows])
     out += [
         "",
         f"{metric_legend(table)}. Cells: mean ± sample std (ddof=1) over seeds, "
@@ -160,6 +153,20 @@ def _render_md_one(table: Table) -> str:
 
 def as_tables(tables: Table | Sequence[Table]) -> list[Table]:
     return [tables] if isinstance(tables, Table) else list(tables)
+
+
+def results_header(t: Table) -> list[str]:
+    """The header of a results table, the same in every format."""
+    return ["Method", *[c.header for c in t.columns]] + (["Average"] if t.show_average else [])
+
+
+def result_row_texts(t: Table, row, ad: int) -> list[str]:
+    """One results row as plain text (label, mean ± std cells, average), the same in every format:
+    Markdown uses it as is, LaTeX and HTML escape it. ``ad``: ``avg_digits(t)``."""
+    cells = [row.label] + [cell_text(row.cells.get(c.key), c.digits, "±", DASH) for c in t.columns]
+    if t.show_average:
+        cells.append(avg_text(row.average, row.average_count, t.average_of, ad, DASH))
+    return cells
 
 
 def render_markdown(tables: Table | Sequence[Table]) -> str:
@@ -245,11 +252,6 @@ def latex_escape(s: str) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(s))
 
 
-def _tex_cell(cell: Cell | None, digits: int) -> str:
-    text = cell_text(cell, digits, "±", DASH)
-    return latex_escape(text)
-
-
 def _render_tex_one(t: Table) -> list[str]:
     out = [f"% {latex_escape(t.title)}"]
     if split_by_line(t):
@@ -259,17 +261,14 @@ def _render_tex_one(t: Table) -> list[str]:
     ad = avg_digits(t)
     ncols = len(t.columns) + (1 if t.show_average else 0)
     out += [r"\begin{tabular}{l" + "r" * ncols + "}", r"\toprule"]
-    header = ["Method", *[c.header for c in t.columns]] + (["Average"] if t.show_average else [])
-    out.append(" & ".join(latex_escape(h) for h in header) + r" \\")
+    out.append(" & ".join(latex_escape(h) for h in results_header(t)) + r" \\")
     out.append(r"\midrule")
     prev_kind = None
     for row in t.rows:
         if prev_kind == "reference" and row.kind != "reference":
             out.append(r"\midrule")
         prev_kind = row.kind
-        cells = [latex_escape(row.label)] + [_tex_cell(row.cells.get(c.key), c.digits) for c in t.columns]
-        if t.show_average:
-            cells.append(latex_escape(avg_text(row.average, row.average_count, t.average_of, ad, DASH)))
+        cells = [latex_escape(x) for x in result_row_texts(t, row, ad)]
         out.append(" & ".join(cells) + r" \\")
     out += [r"\bottomrule", r"\end{tabular}"]
     if t.deltas:
