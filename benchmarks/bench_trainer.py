@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     if a.quick:
         a.samples, a.repeats, a.max_length = min(a.samples, 128), 1, min(a.max_length, 64)
     if a.mixed_precision == "auto":
-        from cmiexp.train.runner import resolve_mixed_precision
+        from cmiexp.train.optim import resolve_mixed_precision
 
         a.mixed_precision = resolve_mixed_precision("auto")
     where = machine()

@@ -27,9 +27,6 @@ from cmiexp.train.summary import format_metric, render_summary, summary_text  # 
 register_resolvers()
 log = logging.getLogger("cmiexp")
 
-_failures: list[tuple[str, str]] = []
-
-
 def _identity_fields(cfg: DictConfig) -> dict:
     """The readable identity of a run for its failure record (read defensively: cfg may be bad)."""
     def get(path):
@@ -43,13 +40,13 @@ def _identity_fields(cfg: DictConfig) -> dict:
             "teacher_objective": get("objective.teacher_objective")}
 
 
-def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None) -> None:
-    """Mark the run as failed in its results.json without touching an earlier invocation's result."""
+def _record_failure(run_dir: Path, cfg: DictConfig, message: str, tb: str | None, claimed: bool) -> None:
+    """Mark the run as failed in its results.json without touching an earlier invocation's result
+    (``claimed``: this job had claimed the directory, see ``cmiexp.runs.lock``)."""
     from cmiexp.runs import read_run_config, record_failure, run_config_record
-    from cmiexp.train.runner import STARTED_RUN_DIRS
 
     try:
-        owns = str(run_dir.resolve()) in STARTED_RUN_DIRS
+        owns = claimed
         if not owns:
             # The directory was trained with this very config (resume passed its check): the
             # failure is this run's, e.g. a checkpoint that cannot be loaded.
@@ -76,12 +73,6 @@ def describe_exception(e: BaseException) -> str:
 def format_results_table(results: dict) -> str:
     """The end-of-run summary as plain text (cmiexp/train/summary.py draws it)."""
     return summary_text(results)
-
-
-def _is_rank_zero() -> bool:
-    import os
-
-    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def export_slurm_distributed_env(env=None) -> bool:
@@ -130,13 +121,15 @@ def _entry(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from cmiexp.runs import RunLock, RunRefused, append_index, write_hydra_files
-    from cmiexp.train.runner import Preempted, claimed_run_dir, run_experiment
+    from cmiexp.jobs import run_job
+    from cmiexp.runs import RunLock, RunRefused, append_index, is_rank_zero, write_hydra_files
+    from cmiexp.runs.sweeps import JobFailed
+    from cmiexp.train.signals import Preempted
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     export_slurm_distributed_env()
-    rank0 = _is_rank_zero()
+    rank0 = is_rank_zero()
     if not rank0:
         # Under accelerate/torchrun every rank composes the same config and run directory; only
         # rank 0 writes the log file (workers would interleave their lines into it).
@@ -156,17 +149,16 @@ def _entry(cfg: DictConfig):
 
     def on_claim() -> None:
         # Called once the run may write to its directory (lock held, config compatible).
-        if rank0:
-            write_hydra_files(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
-            append_index(Path(cfg.paths.output_dir) / "runs", _run_record(cfg), run_dir, list(hc.overrides.task))
+        write_hydra_files(run_dir, cfg, HydraConfig.instance().cfg, hc.overrides.task)
+        append_index(Path(cfg.paths.output_dir) / "runs", _run_record(cfg), run_dir, list(hc.overrides.task))
 
     # Only rank 0 takes the lock: the other ranks of the same run share the directory by design.
-    lock = RunLock(run_dir) if rank0 else None
+    lock = RunLock(run_dir, on_claim=on_claim) if rank0 else None
     recorded = False
     try:
         if lock is not None:
             lock.acquire()
-        results = run_experiment(cfg, run_dir, on_claim=on_claim)
+        results = run_job(cfg, run_dir, lock)
         if rank0:
             render_summary(results)
             # The same summary in cmiexp.log (as text; the console already shows the table).
@@ -183,13 +175,12 @@ def _entry(cfg: DictConfig):
         print(f"cmiexp: error: {msg}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
-        _failures.append((str(run_dir), msg))
-        return float("nan") if value else None
+        return JobFailed(run_dir, msg)  # listed at the end of the sweep (cmiexp.runs.sweeps.FailedJobs)
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - every failure leaves a record
         msg = describe_exception(e)
         tb = traceback.format_exc()
         if rank0:
-            _record_failure(run_dir, cfg, msg, tb)
+            _record_failure(run_dir, cfg, msg, tb, claimed=lock.claimed)
             recorded = True
         # cmiexp.log keeps the error and its traceback; the console shows the one line below only.
         log.error("error: %s\n%s", msg, tb.rstrip(), extra={FILE_ONLY: True})
@@ -200,12 +191,11 @@ def _entry(cfg: DictConfig):
         print(f"cmiexp: error: {msg}{hint}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
-        _failures.append((str(run_dir), msg))
-        return float("nan") if value else None
+        return JobFailed(run_dir, msg)
     finally:
         if lock is not None:
             # A run that wrote nothing (refused, already completed) leaves even the lock record as it was.
-            lock.release(restore=not (recorded or claimed_run_dir(run_dir)))
+            lock.release(restore=not (recorded or lock.claimed))
 
 
 def _run_record(cfg: DictConfig) -> dict:
@@ -367,12 +357,7 @@ def main() -> None:
     if err:
         print(f"cmiexp: error: {err}", file=sys.stderr)
         sys.exit(1)
-    _entry()
-    if _failures:
-        print(f"cmiexp: {len(_failures)} job(s) failed:", file=sys.stderr)
-        for d, m in _failures:
-            print(f"  {d}: {m}", file=sys.stderr)
-        sys.exit(1)
+    _entry()  # a sweep with failed jobs exits 1 at its end (cmiexp.runs.sweeps.FailedJobs)
 
 
 if __name__ == "__main__":

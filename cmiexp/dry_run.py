@@ -205,7 +205,7 @@ def build_meta_model(cfg, task, config, tokenizer):
 
     with without_weights(config):
         if str(cfg.model.get("family")) == "seq2seq" or str(task_loader(cfg)) == "cot":
-            peft = str((cfg.get("peft") or {}).get("name", "none") or "none")
+            peft = str(cfg.peft.name or "none")
             if peft != "none":  # as CotAdapter.setup
                 raise ConfigError(f"peft={peft} is not implemented for chain-of-thought (seq2seq) tasks; use peft=none")
             return load_model("<meta>", cfg.model, task, kind="seq2seq", tokenizer=tokenizer)
@@ -273,7 +273,7 @@ def resolve_config(cfg, task):
     from cmiexp.models.hub_configs import find_by_path, published_config
 
     path = resolve_model_path(cfg.model, task, default_cache_dir(cfg.paths))
-    common = dict(revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.get("trust_remote_code", False)))
+    common = dict(revision=cfg.model.get("revision"), trust_remote_code=bool(cfg.model.trust_remote_code))
     entry = find_by_path(path) if not cfg.model.get("tiny") else None
     try:
         config = AutoConfig.from_pretrained(path, **common)
@@ -325,7 +325,7 @@ def optimizer_steps(num_train: int, batch_size: int, processes: int, grad_accum:
 
 def estimate(cfg, processes: int | None = None) -> Estimate:
     from cmiexp.models.factory import count_parameters
-    from cmiexp.train.runner import resolve_mixed_precision
+    from cmiexp.train.optim import resolve_mixed_precision
 
     t = cfg.trainer
     processes = int(processes or os.environ.get("WORLD_SIZE", "1") or 1)
@@ -345,8 +345,8 @@ def estimate(cfg, processes: int | None = None) -> Estimate:
         from cmiexp.objectives.cot import cot_data_spec
 
         spec = cot_data_spec(cfg.objective)
-        s_in = int(cfg.task.get("max_input_length", 1024) or 1024)
-        s_out = int(cfg.task.get("max_target_length", 256) or 256)
+        s_in = int(cfg.task.max_input_length or 1024)
+        s_out = int(cfg.task.max_target_length or 256)
         branches = 2 if spec.rationale else 1
 
         def forward(m):
@@ -363,7 +363,7 @@ def estimate(cfg, processes: int | None = None) -> Estimate:
     else:
         from cmiexp.models.heads import model_input_keys
 
-        s = int(cfg.task.get("max_length", 128) or 128)
+        s = int(cfg.task.max_length or 128)
         keys = model_input_keys(model)
         use_tt = "token_type_ids" in keys and int(getattr(config, "type_vocab_size", 0) or 0) > 1
 
@@ -392,8 +392,8 @@ def estimate(cfg, processes: int | None = None) -> Estimate:
         model=str(cfg.model.name), config_source=config_source, tokenizer_source=tok_source,
         model_class=type(getattr(model, "backbone", model)).__name__ + (
             f" + {type(model).__name__}" if hasattr(model, "backbone") else ""),
-        head=str((cfg.get("head") or {}).get("name", "pooling")) if task_loader(cfg) != "cot" else "seq2seq LM",
-        peft=str((cfg.get("peft") or {}).get("name", "none")), total_params=total, trainable_params=trainable,
+        head=str(cfg.head.name) if task_loader(cfg) != "cot" else "seq2seq LM",
+        peft=str(cfg.peft.name), total_params=total, trainable_params=trainable,
         precision=precision, processes=processes, batch_size=bs, grad_accum=int(t.grad_accum), seq_desc=seq_desc,
         tokens_per_step=tokens * int(t.grad_accum) * processes, activations=acts, num_train_samples=n_train,
         steps_per_epoch=per_epoch, optimizer_steps=total_steps, epochs=epochs, data_error=data_error, notes=notes)

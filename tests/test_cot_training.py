@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from cmiexp.errors import ConfigError
 from cmiexp.objectives.base import TrainContext, build_objective
 from cmiexp.objectives.cot import cot_data_spec
-from cmiexp.train.cot_adapter import answer_log_prob, collate_branches, encode_branches
-from tests.conftest import COT_DIR, REPO, find_run_dirs
+from cmiexp.train.adapters.cot import answer_log_prob, collate_branches, encode_branches
+from tests.conftest import COT_DIR, REPO, compose_config, find_run_dirs
 
 # --------------------------------------------------------------------------------------------
 # A fixed toy batch on a toy T5
@@ -56,7 +56,9 @@ def _toy_batch():
 
 
 def _objective(name: str, **kw):
-    cfg = OmegaConf.create({"objective": {"name": name, **kw}})
+    # The objective as composed from conf/objective/<name>.yaml (its defaults live there), then kw.
+    base = OmegaConf.to_container(compose_config([f"objective={name}"]).objective)
+    cfg = OmegaConf.create({"objective": {**base, **kw}})
     ctx = TrainContext(accelerator=None, model=None, task=None, cfg=cfg, run_dir=None)
     return build_objective(cfg, ctx), ctx
 
@@ -169,7 +171,7 @@ def test_objective_config_errors_are_clear():
 def test_cot_task_needs_a_seq2seq_model():
     from types import SimpleNamespace
 
-    from cmiexp.train.cot_adapter import CotAdapter
+    from cmiexp.train.adapters.cot import CotAdapter
     from tests.conftest import compose_config
 
     cfg = compose_config(["task=cot/svamp", "objective=dss", f"task.data_dir={COT_DIR}"])  # default model: tiny-bert

@@ -141,24 +141,24 @@ def test_probe_of_rte_run_respects_the_bounds_of_mi(finetuned, env):
 
 
 def test_rerunning_a_finished_probe_returns_its_result(probed, finetuned, cache_dir):
-    from cmiexp.train.runner import run_experiment
+    from cmiexp.jobs import run_job
 
     run_dir, _ = probed
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()}
     cfg = compose_config([*RTE, *PROBE, f"objective.source={finetuned}", f"paths.cache_dir={cache_dir}"])
-    res = run_experiment(cfg, run_dir)
+    res = run_job(cfg, run_dir)
     assert res == json.loads((run_dir / "results.json").read_text())
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.is_file()} == before
 
 
 def test_untrained_baseline_overlaid_with_the_finetuned_probe(probed, cache_dir, tmp_path):
-    from cmiexp.train.runner import run_experiment
+    from cmiexp.jobs import run_job
 
     other, _ = probed
     run_dir = tmp_path / "baseline"
     cfg = compose_config([*RTE, *PROBE, "objective.pooling=head", f"objective.compare=[{other}]",
                           f"paths.cache_dir={cache_dir}"])
-    res = run_experiment(cfg, run_dir)
+    res = run_job(cfg, run_dir)
     assert res["status"] == "completed" and res["source"] == {"kind": "untrained"}
     assert res["teacher_objective"] == "untrained" and res["best"]["metrics"]["num_layers"] == 2
     for name in ("flownib.json", *PNGS, "compare_information_plane.png", "compare_oic_by_layer.png",
@@ -186,14 +186,14 @@ def test_missing_source_is_one_line_error(env, tmp_path):
 
 
 def test_source_of_another_task_model_or_head_is_refused(finetuned, cache_dir, tmp_path):
-    from cmiexp.train.runner import run_experiment
+    from cmiexp.jobs import run_job
 
     cases = {"task=glue/mrpc": "task=glue/rte", "model=tiny-gpt2": "model=tiny-bert", "head=masking": "head=pooling"}
     for override, hint in cases.items():
         cfg = compose_config([*RTE, "objective=flownib", f"objective.source={finetuned}", override,
                               f"paths.cache_dir={cache_dir}"])
         with pytest.raises(ConfigError) as err:
-            run_experiment(cfg, tmp_path / "run")
+            run_job(cfg, tmp_path / "run")
         msg = str(err.value)
         assert "\n" not in msg and str(finetuned) in msg and f"use {hint}" in msg and override in msg, msg
     assert not (tmp_path / "run").exists()  # refused before the run directory was claimed
@@ -232,10 +232,10 @@ def test_bad_probe_settings_name_the_key(tmp_path):
 
 
 def test_generation_tasks_are_refused(tmp_path):
-    from cmiexp.train.runner import run_experiment
+    from cmiexp.jobs import run_job
 
     with pytest.raises(ConfigError, match="task=cot/svamp is not one"):
-        run_experiment(compose_config(["task=cot/svamp", "objective=flownib"]), tmp_path / "run")
+        run_job(compose_config(["task=cot/svamp", "objective=flownib"]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

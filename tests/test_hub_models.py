@@ -227,7 +227,7 @@ def test_seq2seq_refuses_peft_in_one_line():
     """The chain-of-thought adapter trains every weight; peft=lora there used to be ignored silently
     (results.json said peft: lora for a full fine-tuning run)."""
     from cmiexp.errors import ConfigError
-    from cmiexp.train.cot_adapter import CotAdapter
+    from cmiexp.train.adapters.cot import CotAdapter
 
     cfg = compose_config(["model=t5-v1_1-small", "task=cot/svamp", "objective=dss", "peft=lora"])
     with pytest.raises(ConfigError, match="peft=lora is not implemented for chain-of-thought"):

@@ -25,7 +25,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _cot_result(root: Path, objective: str, seed: int, dev: float, test: float | None) -> Path:
-    """A CoT run as cot_adapter.finalize records it: dev accuracy in best/final, test in ``test``."""
+    """A CoT run as the CoT adapter's finalize records it: dev accuracy in best/final, test in ``test``."""
     d = write_result(root, "cot/svamp", objective, seed, {"accuracy": dev}, model="tiny-t5", exp="cot_mi",
                      task_type="generation")
     if test is not None:

@@ -1,4 +1,4 @@
-"""Structure of the package: no module imports another module's private (``_x``) names.
+"""Structure of the package: no import circle, and no module imports another module's private (``_x``) names.
 
 A private name is an implementation detail of its module; a name two modules share gets a public
 home (this is checked on the package source with the standard library's AST, function-level
@@ -34,3 +34,162 @@ def test_the_check_sees_a_private_import(tmp_path):
     pkg.mkdir()
     (pkg / "a.py").write_text("def f():\n    from cmiexp.b import _hidden\n    return _hidden\n")
     assert cross_module_private_imports(pkg) == ["cmiexp/a.py:2: cmiexp.b._hidden"]
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (module-level and function-level imports alike:
+    a function-level import is a dependency too, only a later one). An import of ``a.b.name`` is an
+    edge to ``a.b.name`` if that is a module, else to ``a.b``; a module's own parent packages are not
+    edges (importing ``cmiexp.x.y`` runs ``cmiexp/x/__init__.py`` first by Python's rules)."""
+    root = package.parent
+    files = {module_name(p, root): p for p in sorted(package.rglob("*.py"))}
+
+    def owner(name: str) -> str:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {}
+    for mod, path in files.items():
+        is_package = path.name == "__init__.py"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative import
+                    anchor = mod.split(".") if is_package else mod.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join(anchor + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            for name in names:
+                target = owner(name) if name.split(".")[0] == package.name else ""
+                if target and target != mod and not mod.startswith(target + "."):
+                    deps.add(target)
+        graph[mod] = deps
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(import_graph(REPO / "cmiexp"))
+    assert cycles == [], "import circles: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_check_sees_a_cycle_through_a_function_level_import(tmp_path):
+    pkg = tmp_path / "cmiexp"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from cmiexp.sub.a import f\n")
+    (pkg / "sub" / "a.py").write_text("def f():\n    from cmiexp.b import g\n    return g\n")
+    (pkg / "b.py").write_text("from .sub import a\n\ndef g():\n    return a\n")
+    (pkg / "c.py").write_text("import cmiexp.b\n")
+    graph = import_graph(pkg)
+    assert graph["cmiexp.sub.a"] == {"cmiexp.b"} and graph["cmiexp.b"] == {"cmiexp.sub", "cmiexp.sub.a"}
+    assert graph["cmiexp.sub"] == {"cmiexp.sub.a"}  # a package importing its own module is not a circle
+    assert import_cycles(graph) == [["cmiexp.b", "cmiexp.sub", "cmiexp.sub.a"]]
+
+
+# ---------------------------------------------------------------- config defaults have one home
+def config_keys(conf: Path) -> set[str]:
+    """Every key name any YAML under ``conf`` defines (at any depth)."""
+    import yaml
+
+    keys: set[str] = set()
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                keys.add(str(k))
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    for path in sorted(conf.rglob("*.yaml")):
+        walk(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return keys
+
+
+def defaults_in_code(package: Path, keys: set[str]) -> list[str]:
+    """``x.get("<config key>", <value>)`` calls with a value other than None: a second copy of a
+    default that the YAML already sets (or a default the YAML should set)."""
+    root = package.parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)):
+                continue
+            key, default = node.args
+            if key.value in keys and not (isinstance(default, ast.Constant) and default.value is None):
+                found.append(f"{path.relative_to(root).as_posix()}: {ast.unparse(node)}")
+    return found
+
+
+# Reads that are not of a composed config: records on disk written by other (possibly older)
+# versions, report rows and Hydra's own node.
+NOT_CONFIG_READS = {
+    "cmiexp/cli.py: hc.sweeper.get('_target_', '')",  # Hydra's sweeper node
+    "cmiexp/models/heads.py: meta.get('dropout', 0.1)",  # a saved classifier's head.json
+    "cmiexp/probes/run_probe.py: r.get('seed', c.get('seed'))",  # a source run's results.json
+    "cmiexp/report/tables.py: r.source.get('split', '')",  # a report row
+    "cmiexp/runs/provision.py: c.get('trainer', {})",  # a provisioned run's spec file
+    "cmiexp/runs/records.py: old.get('num_processes', procs_new)",  # a recorded run config
+    "cmiexp/train/init_from.py: (run_cfg.get('peft') or {}).get('name', 'none')",  # a source run's config
+}
+
+
+def test_config_defaults_are_not_repeated_in_code():
+    found = set(defaults_in_code(REPO / "cmiexp", config_keys(REPO / "conf")))
+    assert sorted(found - NOT_CONFIG_READS) == [], "defaults repeated in code (set them in conf/ and read the key)"
+    assert sorted(NOT_CONFIG_READS - found) == [], "stale entries in NOT_CONFIG_READS"
+
+
+def test_the_default_check_sees_a_default(tmp_path):
+    pkg = tmp_path / "cmiexp"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("def f(cfg):\n    return cfg.task.get('max_length', 128), cfg.get('other', 1), "
+                              "cfg.get('max_length')\n")
+    assert defaults_in_code(pkg, {"max_length"}) == ["cmiexp/a.py: cfg.task.get('max_length', 128)"]

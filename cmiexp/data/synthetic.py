@@ -81,14 +81,14 @@ def load_synthetic(task_cfg) -> TaskData:
 
     from cmiexp.data.glue import subsample
 
-    num_classes = int(task_cfg.get("num_classes", 3))
+    num_classes = int(task_cfg.num_classes)
     splits = generate_synthetic(
-        num_train=int(task_cfg.get("num_train", 3000)),
-        num_eval=int(task_cfg.get("num_eval", 600)),
-        num_test=int(task_cfg.get("num_test", 600)),
+        num_train=int(task_cfg.num_train),
+        num_eval=int(task_cfg.num_eval),
+        num_test=int(task_cfg.num_test),
         num_classes=num_classes,
-        label_noise=float(task_cfg.get("label_noise", 0.05)),
-        generator_seed=int(task_cfg.get("generator_seed", 1234)),
+        label_noise=float(task_cfg.label_noise),
+        generator_seed=int(task_cfg.generator_seed),
     )
     ds = {k: datasets.Dataset.from_dict(v) for k, v in splits.items()}
     if task_cfg.get("data_dir") not in (None, ""):
@@ -105,5 +105,5 @@ def load_synthetic(task_cfg) -> TaskData:
         text_fields=("sentence",),
         label_names=[f"topic_{i}" for i in range(num_classes)],
         metrics=["accuracy", "macro_f1"],
-        primary_metric=task_cfg.get("primary_metric", "accuracy"),
+        primary_metric=task_cfg.primary_metric,
     )

@@ -64,7 +64,7 @@ def load_tokenizer(path: str, model_cfg):
 
     try:
         tok = AutoTokenizer.from_pretrained(
-            path, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+            path, revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code)
         )
     except (OSError, ValueError) as e:
         raise _hub_error(path, e) from e
@@ -145,7 +145,7 @@ def load_model(path: str, model_cfg, task=None, kind: str = "classification", to
     ``seq2seq`` (encoder-decoder LM), ``causal_lm`` or ``base`` (no head)."""
     import transformers as tf
 
-    common = dict(revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    common = dict(revision=model_cfg.get("revision"), trust_remote_code=bool(model_cfg.trust_remote_code))
     meta_config = _META_CONFIG.get()
     if meta_config is not None:
         p = model_cfg.get("dropout")

@@ -360,14 +360,17 @@ def apply_peft(model, cfg):
     return apply_peft_config(model, _get(cfg, "peft"))
 
 
+# The batch keys a classifier can be fed, in the order a batch lists them.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
 def model_input_keys(model) -> set[str]:
     """Batch keys the model's forward accepts (works for prompt heads and PEFT-injected models)."""
-    sig = inspect.signature(model.forward).parameters
-    return set(sig) & {"input_ids", "attention_mask", "token_type_ids", "position_ids"}
+    return set(inspect.signature(model.forward).parameters) & set(MODEL_INPUT_KEYS)
 
 
 __all__ = [
-    "HEADS", "InputSuffix", "MLPHead", "PromptHeadClassifier", "apply_peft", "build_classifier",
+    "HEADS", "InputSuffix", "MODEL_INPUT_KEYS", "MLPHead", "PromptHeadClassifier", "apply_peft", "build_classifier",
     "causal_position_ids", "drop_unused_pooler", "head_name", "head_prompt", "input_suffix",
     "last_token_positions", "load_classifier", "mask_positions", "model_input_keys",
 ]

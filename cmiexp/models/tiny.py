@@ -97,7 +97,7 @@ def build_config(arch: str, spec, tokenizer):
     v = len(tokenizer)
     h, n_layers, n_heads = int(spec.hidden_size), int(spec.num_layers), int(spec.num_heads)
     ff = int(spec.intermediate_size)
-    max_pos = int(spec.get("max_position_embeddings", 512))
+    max_pos = int(spec.max_position_embeddings)
     if arch == "bert":
         return BertConfig(vocab_size=v, hidden_size=h, num_hidden_layers=n_layers, num_attention_heads=n_heads,
                           intermediate_size=ff, max_position_embeddings=max_pos, pad_token_id=tokenizer.pad_token_id)
@@ -155,7 +155,7 @@ def ensure_tiny_model(cache_dir: str | Path, model_name: str, spec, texts: list[
         config = build_config(arch, spec, tokenizer)
         # The "pretrained" weights of a tiny model are a fixed random draw, independent of the run seed.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(spec.get("init_seed", 0)))
+            torch.manual_seed(int(spec.init_seed))
             model = AutoModelForSeq2SeqLM.from_config(config) if arch == "t5" else AutoModel.from_config(config)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

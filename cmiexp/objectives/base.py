@@ -7,6 +7,7 @@ objective it runs: it calls the hooks below, logs what ``loss`` returns, and che
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,6 +16,22 @@ import torch
 from cmiexp.errors import ConfigError
 
 _REGISTRY: dict[str, type["Objective"]] = {}
+
+
+def objective_number(cfg: Any, key: str, objective: str, low: float = 0.0, high: float | None = None,
+                     high_open: bool = False) -> float:
+    """``objective.<key>`` as a float, checked: a real number (not a string, not a bool), finite, in
+    ``[low, high]`` (``[low, high)`` with ``high_open``). There is no default here on purpose:
+    conf/objective/<objective>.yaml is the one home of every objective default."""
+    if key not in cfg:
+        raise ConfigError(f"objective.{key} is not set (objective={objective}; conf/objective/{objective}.yaml sets it)")
+    raw = cfg[key]
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ConfigError(f"objective.{key}={raw!r} must be a number (objective={objective})")
+    if not math.isfinite(raw) or raw < low or (high is not None and (raw >= high if high_open else raw > high)):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"objective.{key}={raw!r} must be {rng} (objective={objective})")
+    return float(raw)
 
 
 def register_objective(name: str) -> Callable[[type["Objective"]], type["Objective"]]:

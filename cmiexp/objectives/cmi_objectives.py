@@ -16,13 +16,12 @@ pad the last global batch with copies of the first samples; those copies are mas
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
 from cmiexp.errors import CmiexpError, ConfigError
-from cmiexp.objectives.base import Objective, TrainContext, register_objective
+from cmiexp.objectives.base import Objective, TrainContext, objective_number, register_objective
 from cmiexp.objectives.centroids import MODES, CentroidEstimator
 from cmiexp.objectives.cmi import cmi_min_loss, mcmi_loss
 
@@ -113,33 +112,20 @@ def centroid_spread(centroids: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # Objectives
 # --------------------------------------------------------------------------------------------
-def _number(cfg: Any, key: str, default: float, objective: str, low: float = 0.0, high: float | None = None,
-            high_open: bool = False) -> float:
-    raw = cfg.get(key, default)
-    try:
-        v = float(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"objective.{key}={raw!r} must be a number (objective={objective})") from None
-    if not math.isfinite(v) or v < low or (high is not None and (v >= high if high_open else v > high)):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
-        raise ConfigError(f"objective.{key}={raw!r} must be {rng} (objective={objective})")
-    return v
-
-
 class _CentroidObjective(Objective):
     """Shared centroid bookkeeping: when to run full passes, EMA updates, checkpoint state."""
 
     requires_classification = True
-    default_mode = "fixed"
 
     def __init__(self, cfg: Any, ctx: TrainContext):
         super().__init__(cfg, ctx)  # refuses regression tasks
-        self.lam = _number(cfg, "lam", 0.1, self.name)
-        mode = str(cfg.get("centroids", self.default_mode))
+        self.lam = objective_number(cfg, "lam", self.name)
+        mode = str(cfg.centroids)
         if mode not in MODES:
             raise ConfigError(f"objective.centroids={mode!r}; valid choices: {', '.join(MODES)}")
-        self.momentum = _number(cfg, "momentum", 0.9, self.name, 0.0, 1.0, high_open=True)
-        self.full_pass_mode = str(cfg.get("full_pass_mode") or "eval")
+        self.momentum = objective_number(cfg, "momentum", self.name, 0.0, 1.0, high_open=True)
+        # null means eval (conf/objective/*.yaml: null keeps the content hash of older teachers).
+        self.full_pass_mode = "eval" if cfg.full_pass_mode is None else str(cfg.full_pass_mode)
         if self.full_pass_mode not in FULL_PASS_MODES:
             raise ConfigError(f"objective.full_pass_mode={self.full_pass_mode!r}; valid choices: "
                               f"{', '.join(FULL_PASS_MODES)}")
@@ -268,13 +254,12 @@ class _CentroidObjective(Objective):
 class CmiMin(_CentroidObjective):
     """CE + lam * KL(P_x || Q_y) - beta * Gamma-hat (Yang et al. 2023, CMI-constrained learning)."""
 
-    default_mode = "epoch"
 
     def __init__(self, cfg: Any, ctx: TrainContext):
         super().__init__(cfg, ctx)
-        self.beta = _number(cfg, "beta", 0.0, self.name)
+        self.beta = objective_number(cfg, "beta", self.name)
         clamp = cfg.get("gamma_clamp")
-        self.gamma_clamp = None if clamp is None else _number(cfg, "gamma_clamp", 0.0, self.name, 0.0, 1.0,
+        self.gamma_clamp = None if clamp is None else objective_number(cfg, "gamma_clamp", self.name, 0.0, 1.0,
                                                                high_open=True)
         if self.gamma_clamp == 0.0:
             raise ConfigError(f"objective.gamma_clamp=0 must be in (0, 1) or null (objective={self.name})")
@@ -295,7 +280,6 @@ class CmiMin(_CentroidObjective):
 class MaxCmiTeacher(_CentroidObjective):
     """CE - lam * KL(P_x || Q_y) with centroids from the starting model (Ye et al., ICLR 2024)."""
 
-    default_mode = "fixed"
     #: Below this spread (max L1 distance between two classes' centroids) Q_y carries no class
     #: information: the starting model has not learned the task (e.g. an untrained head).
     MIN_SPREAD = 0.02

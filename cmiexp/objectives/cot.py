@@ -1,6 +1,6 @@
 """Chain-of-thought distillation objectives for seq2seq students (T5).
 
-Four objectives, all trained on batches built by ``cmiexp.train.cot_adapter``:
+Four objectives, all trained on batches built by ``cmiexp.train.adapters.cot``:
 
 - ``dss``  Distilling Step-by-Step (Hsieh et al. 2023): one student, two tasks sharing the
   weights, ``"predict: " + x -> label`` and ``"explain: " + x -> rationale``::
@@ -25,7 +25,6 @@ never disagree. The math is in pure functions (``token_mean_ce``, ``dss_loss``, 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from cmiexp.cot.mi_term import mi_loss_masked, mi_loss_reference
 from cmiexp.errors import ConfigError
-from cmiexp.objectives.base import Objective, register_objective
+from cmiexp.objectives.base import Objective, objective_number, register_objective
 
 IGNORE_INDEX = -100  # label padding, as in Hugging Face seq2seq collators
 MI_VARIANTS = ("reference", "masked")
@@ -106,15 +105,6 @@ def cot_data_spec(objective_cfg) -> CotDataSpec:
 # Objectives
 
 
-def _number(cfg, key: str, default: float, lo: float, hi: float | None, name: str) -> float:
-    value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigError(f"objective.{key}={value!r} for objective={name} must be a number in {rng}")
-    return float(value)
-
-
 class CotObjective(Objective):
     """Base of the CoT objectives: branch forward passes on a seq2seq model."""
 
@@ -180,7 +170,7 @@ class StandardDistill(_LabelOnly):
 class DistillingStepByStep(CotObjective):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.alpha = _number(cfg, "alpha", 0.5, 0.0, 1.0, self.name)
+        self.alpha = objective_number(cfg, "alpha", self.name, 0.0, 1.0)
 
     def branch_losses(self, model, batch, ctx=None):
         pred_logits = self.branch_logits(model, batch, "pred", ctx)
@@ -195,8 +185,8 @@ class DistillingStepByStep(CotObjective):
 class MiCot(DistillingStepByStep):
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
-        self.beta = _number(cfg, "beta", 0.1, 0.0, None, self.name)
-        self.mi_variant = str(cfg.get("mi_variant", "reference"))
+        self.beta = objective_number(cfg, "beta", self.name)
+        self.mi_variant = str(cfg.mi_variant)
         if self.mi_variant not in MI_VARIANTS:
             raise ConfigError(f"objective.mi_variant={self.mi_variant!r}; valid choices: {', '.join(MI_VARIANTS)}")
 

@@ -46,20 +46,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cmiexp.config import CONF_DIR
 from cmiexp.errors import CheckpointError, ConfigError, DataError
-from cmiexp.io import atomic_write_json, atomic_write_text
+from cmiexp.io import atomic_write_text
+from cmiexp.runs import RunLock
 
 log = logging.getLogger("cmiexp")
 
 PRIMARY_METRIC = "oic_y_mean"
 POOLING_CHOICES = ("mean", "cls", "last", "head")
 #: Defaults for keys a hand-written objective config may leave out (conf/objective/flownib.yaml sets them all).
-DEFAULTS: dict[str, Any] = {
-    "source": None, "split": "train", "max_samples": 5000, "pooling": "mean", "steps": 2000, "batch_size": 128,
-    "delta": 0.001, "estimator": "dv", "critic": "concat", "hidden": 128, "lr": 1e-3, "tau": 5.0,
-    "heldout_fraction": 0.2, "test_fraction": 0.2, "select_every": 25, "noise_std": None, "weight_decay": 0.0,
-    "compat": "ours", "record_every": 5, "device": "auto", "compare": [], "subsample_seed": 0,
-}
+# The probe's settings are the keys of conf/objective/flownib.yaml, their one home (defaults included).
+SETTINGS: tuple[str, ...] = tuple(k for k in OmegaConf.load(CONF_DIR / "objective" / "flownib.yaml")
+                                  if k not in ("name", "probe"))
 COMPAT_CHOICES = ("ours", "reference")
 
 
@@ -67,10 +66,13 @@ COMPAT_CHOICES = ("ours", "reference")
 
 
 def probe_settings(objective_cfg) -> dict[str, Any]:
-    """The probe's knobs from ``cfg.objective`` (defaults filled in), checked one by one."""
+    """The probe's knobs from ``cfg.objective`` (every one of ``SETTINGS``), checked one by one."""
     # A plain dict may still hold OmegaConf nodes (e.g. a ListConfig compare list): convert it all.
     raw = OmegaConf.to_container(OmegaConf.create(dict(objective_cfg or {})), resolve=True)
-    s = {k: raw.get(k, v) for k, v in DEFAULTS.items()}
+    missing = [k for k in SETTINGS if k not in raw]
+    if missing:
+        raise ConfigError(f"objective.{missing[0]} is not set (objective=flownib; conf/objective/flownib.yaml sets it)")
+    s = {k: raw[k] for k in SETTINGS}
     if s["pooling"] not in POOLING_CHOICES:
         raise ConfigError(f"objective.pooling={s['pooling']!r}; valid choices: {', '.join(POOLING_CHOICES)}")
     for key in ("steps", "batch_size", "hidden", "record_every"):
@@ -262,7 +264,7 @@ def resolve_source(source, cfg) -> ProbeSource:
     # The probe's run directory and report row are named by task, model and head: they must be the source's.
     checks = (("task", _group_name(src_cfg, "task"), cfg.task.get("name")),
               ("model", _group_name(src_cfg, "model"), cfg.model.get("name")),
-              ("head", _group_name(src_cfg, "head") or "pooling", (cfg.get("head") or {}).get("name", "pooling")))
+              ("head", _group_name(src_cfg, "head") or "pooling", cfg.head.name))
     for group, theirs, ours in checks:
         if theirs is not None and str(theirs) != str(ours):
             what = "trained on" if group == "task" else "trained with"
@@ -287,7 +289,7 @@ def _load_model(cfg, source: ProbeSource, task, cache_dir: Path):
             torch.manual_seed(int(cfg.seed))
             model = build_classifier(path, cfg, task, tokenizer)
         return (model, tokenizer, input_suffix(cfg, tokenizer), head_name(cfg),
-                str(cfg.model.get("family", "encoder")), int(cfg.task.get("max_length", 128)))
+                str(cfg.model.family), int(cfg.task.max_length))
     src = OmegaConf.create(source.config)
     try:
         tokenizer = load_tokenizer(str(source.checkpoint), src.model)
@@ -301,7 +303,7 @@ def _load_model(cfg, source: ProbeSource, task, cache_dir: Path):
         raise CheckpointError(f"cannot load the model in {source.checkpoint}: {first}") from None
     max_len = int((source.config.get("task") or {}).get("max_length") or 128)
     return (model, tokenizer, input_suffix(src, tokenizer), head_name(src),
-            str(src.model.get("family", "encoder")), max_len)
+            str(src.model.family), max_len)
 
 
 def _probe_split(task, split: str):
@@ -388,11 +390,11 @@ def _base_results(cfg, run_dir: Path, source: ProbeSource) -> dict:
     from cmiexp.runs import SCHEMA
 
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    head = source.describe()["head"] if not source.untrained else (cfg.get("head") or {}).get("name", "pooling")
+    head = source.describe()["head"] if not source.untrained else cfg.head.name
     peft = source.describe()["peft"] if not source.untrained else "none"
     return {
         "schema": SCHEMA, "status": "running", "error": None,
-        "experiment": cfg.get("experiment_name", "default"), "task": cfg.task.name,
+        "experiment": cfg.experiment_name, "task": cfg.task.name,
         "task_type": "classification", "model": cfg.model.name, "objective": cfg.objective.name,
         # The probed model's objective keeps probes of differently trained models in separate report
         # rows ("tiny-bert / flownib (teacher: ce)"); cmiexp-report then shows each against the CE one.
@@ -403,10 +405,11 @@ def _base_results(cfg, run_dir: Path, source: ProbeSource) -> dict:
     }
 
 
-def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+def run_probe(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None = None) -> dict:
     """Run the FlowNIB probe described by ``cfg`` into ``run_dir``; returns the results dict.
 
-    A run directory whose results.json says completed is returned as is, like a finished training
+    ``lock``: the run directory's lock, held by the caller (``cmiexp.jobs.run_job``); the probe
+    claims the directory through it once its inputs are checked. A run directory whose results.json says completed is returned as is, like a finished training
     run (``trainer.resume=false`` refuses a directory that already holds a run)."""
     from cmiexp.data import load_task
     from cmiexp.data.tokenize import tokenize_split
@@ -414,13 +417,13 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     from cmiexp.probes.flownib import (compare_runs, extract_activations, summary_line, train_flownib,
                                        write_outputs)
     from cmiexp.train.environment import peak_memory_mb, quiet_libraries
-    from cmiexp.runs import RESULTS, read_results
-    from cmiexp.train.runner import STARTED_RUN_DIRS, has_own_adapter
+    from cmiexp.runs import read_results, write_results
+    from cmiexp.train.adapters import has_own_adapter
 
     run_dir = Path(run_dir)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("objective=flownib runs in one process; start it without torchrun/accelerate launch")
-    resume = str(cfg.trainer.get("resume", "auto")).lower()
+    resume = str(cfg.trainer.resume).lower()
     prior = read_results(run_dir)
     if prior and prior.get("status") == "completed" and resume != "false":
         log.info("probe already completed: %s (delete that directory to recompute it)", run_dir)
@@ -440,9 +443,10 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     results = _base_results(cfg, run_dir, source)
+    if lock is not None:
+        lock.claim()  # a failure from here on is recorded in this results.json
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_json(run_dir / RESULTS, results)
-    STARTED_RUN_DIRS.add(str(run_dir.resolve()))  # a failure from here on is recorded in this results.json
+    write_results(run_dir, results)
 
     cache_dir = default_cache_dir(cfg.paths)
     task = load_task(cfg.task)
@@ -456,11 +460,11 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     model, tokenizer, suffix, head, family, max_len = _load_model(cfg, source, task, cache_dir)
     pooling, positions = head_pooling(s["pooling"], head, family, getattr(tokenizer, "mask_token_id", None))
     tokenized = tokenize_split(ds, task, tokenizer, max_len, cache_dir, f"probe-{s['split']}", suffix=suffix)
-    loader = _loader(tokenized, tokenizer, model, int(cfg.trainer.get("eval_batch_size", 64)))
+    loader = _loader(tokenized, tokenizer, model, int(cfg.trainer.eval_batch_size))
 
     t0 = time.perf_counter()
     act = extract_activations(model, loader, pooling=pooling, device=device, head_positions=positions,
-                              progress=bool(cfg.trainer.get("progress_bar", True)))
+                              progress=bool(cfg.trainer.progress_bar))
     extract_s = time.perf_counter() - t0
     del model
     if device.startswith("cuda"):
@@ -469,7 +473,7 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
              tuple(act["x"].shape), tuple(act["z"].shape), rows.size, s["split"], extract_s, act["z"].shape[0], device)
 
     num_classes = None if task.is_regression else int(task.num_labels)
-    progress = bool(cfg.trainer.get("progress_bar", True))
+    progress = bool(cfg.trainer.progress_bar)
     if s["compat"] == "reference":
         from cmiexp.probes.flownib.reference import train_flownib_reference
 
@@ -526,9 +530,9 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
         probe_ok=result.ok,
         probe_flags=[dict(f) for f in result.flags],
     )
-    atomic_write_json(run_dir / RESULTS, results)
+    write_results(run_dir, results)
     return results
 
 
-__all__ = ["DEFAULTS", "PRIMARY_METRIC", "ProbeSource", "head_pooling", "load_compare_entries", "probe_settings",
+__all__ = ["PRIMARY_METRIC", "SETTINGS", "ProbeSource", "head_pooling", "load_compare_entries", "probe_settings",
            "resolve_device", "resolve_source", "run_probe", "select_rows", "summary_metrics"]

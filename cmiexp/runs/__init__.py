@@ -18,7 +18,7 @@ objective=mcmi) are provisioned under ``paths.teachers_dir`` (``provision``). In
 
 from cmiexp.runs.identity import (IDENTITY_EXCLUDED_KEYS, config_hash, diff_configs, identity_config,
                                   run_id_resolver)
-from cmiexp.runs.lock import RunLock, RunLocked
+from cmiexp.runs.lock import RunLock, RunLocked, holding, is_rank_zero
 from cmiexp.runs.logs import CURVES, EVAL_LOG, TRAIN_LOG, read_curve
 from cmiexp.errors import RunRefused
 from cmiexp.runs.records import (RUN_CONFIG, append_index, check_resume_compatible,
@@ -28,7 +28,7 @@ from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, ResultsU
 
 __all__ = [
     "IDENTITY_EXCLUDED_KEYS", "config_hash", "diff_configs", "identity_config", "run_id_resolver",
-    "CURVES", "EVAL_LOG", "TRAIN_LOG", "read_curve", "RunLock", "RunLocked", "RUN_CONFIG", "RunRefused", "append_index", "check_resume_compatible",
+    "CURVES", "EVAL_LOG", "TRAIN_LOG", "read_curve", "RunLock", "RunLocked", "holding", "is_rank_zero", "RUN_CONFIG", "RunRefused", "append_index", "check_resume_compatible",
     "read_run_config", "run_config_record", "write_hydra_files", "write_run_config",
     "ERROR_FILE", "RESULTS", "SCHEMA", "STATUSES", "ResultsUnreadable", "load_results", "read_results",
     "record_failure", "results_path", "write_results",

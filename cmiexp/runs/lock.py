@@ -6,6 +6,11 @@ re-run. The holder's pid, host and start time go into ``.lock.owner`` (a separat
 opens ``.lock`` itself, which would clobber anything written there) so a refused second run can say
 who holds the directory.
 
+Only rank 0 of a run takes the lock (``is_rank_zero``): the processes of one distributed run share
+its directory by design. The lock also knows whether its holder has *claimed* the directory
+(``claim``: from then on the run writes there, and a failure is recorded in its results.json);
+a holder that never claimed it leaves the directory as it found it on ``release``.
+
 ``waiting_lock`` is the blocking variant for shared work (a KD teacher, its logit cache): the
 second process waits for the first instead of being refused.
 """
@@ -19,7 +24,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -34,9 +39,20 @@ class RunLocked(RunRefused):
     """Another live process holds the run directory."""
 
 
+def is_rank_zero(env=None) -> bool:
+    """Whether this process is rank 0 of its launch (or not launched by torchrun/accelerate at all)."""
+    env = os.environ if env is None else env
+    return env.get("RANK", "0") == "0" and env.get("LOCAL_RANK", "0") == "0"
+
+
 class RunLock:
-    def __init__(self, run_dir: str | os.PathLike):
+    """The per-run lock of ``run_dir``; ``on_claim`` is called once when the run claims the directory
+    (the ``cmiexp`` command writes ``.hydra/`` and the index line then)."""
+
+    def __init__(self, run_dir: str | os.PathLike, on_claim: Callable[[], None] | None = None):
         self.run_dir = Path(run_dir)
+        self.on_claim = on_claim
+        self.claimed = False
         self._previous_owner: tuple[bytes, int, int] | None = None
         self._created: list[Path] = []
         self._lock = FileLock(str(self.run_dir / LOCK_FILE), timeout=0, preserve_lock_file=True)
@@ -76,11 +92,22 @@ class RunLock:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         return self
 
-    def release(self, restore: bool = False) -> None:
-        """Release; ``restore=True`` (a run that wrote nothing: refused, or already completed) puts
-        the previous owner record back, bytes and times, so the directory is exactly as it was."""
+    def claim(self) -> None:
+        """The run writes into its directory from now on (its config is compatible, its checkpoint
+        fits): a failure from here on is this run's, recorded in its results.json."""
+        if not self.claimed:
+            self.claimed = True
+            if self.on_claim is not None:
+                self.on_claim()
+
+    def release(self, restore: bool | None = None) -> None:
+        """Release; ``restore=True`` (default: the run never claimed the directory, i.e. it was
+        refused or already completed) puts the previous owner record back, bytes and times, so the
+        directory is exactly as it was."""
         if not self._lock.is_locked:
             return
+        if restore is None:
+            restore = not self.claimed
         if restore:
             from cmiexp.io import atomic_write_bytes
 
@@ -106,6 +133,21 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+@contextlib.contextmanager
+def holding(run_dir: str | os.PathLike, lock: RunLock | None = None) -> Iterator[RunLock | None]:
+    """The lock of the run in ``run_dir`` for the block: ``lock`` when the caller holds it already
+    (the ``cmiexp`` command, which records a failure under it), else one taken here on rank 0 and
+    released at the end (other ranks get None)."""
+    if lock is not None or not is_rank_zero():
+        yield lock
+        return
+    own = RunLock(run_dir).acquire()
+    try:
+        yield own
+    finally:
+        own.release()
 
 
 @contextlib.contextmanager

@@ -57,7 +57,7 @@ def check_config(cfg: DictConfig) -> None:
         if b >= 1:
             raise ConfigError(f"trainer.adam_betas[{i}]={b!r} must be < 1")
     _check_number("seed", cfg.get("seed"), "int", 0, True, False)
-    retention = t.get("checkpoint_retention", "weights")
+    retention = t.checkpoint_retention
     if retention not in RETENTION_CHOICES:
         raise ConfigError(f"trainer.checkpoint_retention={retention!r}; valid choices: {', '.join(RETENTION_CHOICES)}")
     share = t.get("collapse_share")
@@ -67,7 +67,7 @@ def check_config(cfg: DictConfig) -> None:
         share_ok = False
     if not share_ok:
         raise ConfigError(f"trainer.collapse_share={share!r} must be a fraction in (0, 1]")
-    if str(t.get("pin_memory", "auto")) not in ("auto", "True", "False", "true", "false"):
+    if str(t.pin_memory) not in ("auto", "True", "False", "true", "false"):
         raise ConfigError(f"trainer.pin_memory={t.pin_memory!r}; valid choices: auto, true, false")
     if t.scheduler not in ("linear", "cosine", "constant"):
         raise ConfigError(f"trainer.scheduler={t.scheduler!r}; valid choices: linear, cosine, constant")

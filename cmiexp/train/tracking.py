@@ -52,7 +52,7 @@ class WandbTracker:
     def __init__(self, logger_cfg, config_dict: dict, run_dir, run_id: str):
         import wandb
 
-        mode = str(logger_cfg.get("mode", "auto"))
+        mode = str(logger_cfg.mode)
         if mode == "auto":
             mode = "online" if wandb_has_credentials() else "offline"
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -100,7 +100,7 @@ class WandbTracker:
 
 
 def make_tracker(cfg, config_dict: dict, run_dir, run_id: str, is_main_process: bool):
-    name = cfg.logger.get("name", "local")
+    name = cfg.logger.name
     if not is_main_process or name == "local" or cfg.logger.get("mode") == "disabled":
         return NullTracker()
     if name == "wandb":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +22,13 @@ import torch
 
 from cmiexp.errors import DataError
 from cmiexp.io import atomic_write_json
+from cmiexp.models.heads import MODEL_INPUT_KEYS, model_input_keys
 from cmiexp.objectives.kd.teacher import TeacherInfo
 from cmiexp.runs.lock import waiting_lock
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 CACHE_DIRNAME = "kd_cache"
 #: Under the teachers folder: the caches of teachers that live elsewhere (given as a path).
 EXTERNAL_DIRNAME = "external"
-
-
-def model_input_keys(model) -> set[str]:
-    return set(inspect.signature(model.forward).parameters) & set(MODEL_INPUT_KEYS)
 
 
 def weights_stamp(checkpoint_dir: Path) -> str:

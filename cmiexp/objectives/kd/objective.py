@@ -16,14 +16,13 @@ same student for the same seed.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 import torch.nn.functional as F
 
 from cmiexp.errors import ConfigError
-from cmiexp.objectives.base import Objective, TrainContext, register_objective
+from cmiexp.objectives.base import Objective, TrainContext, objective_number, register_objective
 from cmiexp.objectives.ce import supervised_loss
 
 
@@ -47,15 +46,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
 
 def _validate(cfg) -> tuple[float, float]:
-    try:
-        alpha, temp = float(cfg.get("alpha", 0.9)), float(cfg.get("temperature", 4.0))
-    except (TypeError, ValueError):
-        raise ConfigError(f"objective.alpha={cfg.get('alpha')!r} and objective.temperature="
-                          f"{cfg.get('temperature')!r} must be numbers") from None
-    if not (0.0 <= alpha <= 1.0):
-        raise ConfigError(f"objective.alpha={alpha} must be in [0, 1]")
-    if not (temp > 0 and math.isfinite(temp)):
-        raise ConfigError(f"objective.temperature={temp} must be a positive number")
+    alpha = objective_number(cfg, "alpha", "kd", 0.0, 1.0)
+    temp = objective_number(cfg, "temperature", "kd")
+    if temp == 0:
+        raise ConfigError("objective.temperature=0 must be a positive number (objective=kd)")
     has_path, has_cfg = cfg.get("teacher") not in (None, ""), cfg.get("teacher_config") is not None
     if has_path and has_cfg:
         raise ConfigError("set only one of objective.teacher (a path) and objective.teacher_config (overrides)")
@@ -74,7 +68,7 @@ class KnowledgeDistillation(Objective):
         from cmiexp.objectives.kd import teacher as teachers
 
         self.alpha, self.temperature = _validate(cfg)
-        self.use_cache = bool(cfg.get("teacher_cache", True))
+        self.use_cache = bool(cfg.teacher_cache)
         # Everything about the teacher is settled (and any error raised) before training starts.
         if cfg.get("teacher_config") is not None:
             key = "objective.teacher_config"
@@ -109,15 +103,16 @@ class KnowledgeDistillation(Objective):
         from cmiexp.objectives.kd import logit_cache
         from cmiexp.data.tokenize import tokenize_split
         from cmiexp.models.factory import default_cache_dir
+        from cmiexp.models.heads import model_input_keys
 
         extra = {"suffix": self.teacher_suffix} if self.teacher_suffix is not None else {}
         tok = tokenize_split(ctx.task.train, ctx.task, self.teacher_tokenizer, self._max_length(ctx),
                              default_cache_dir(ctx.cfg.paths), "train-teacher", **extra)
-        return logit_cache.TeacherInputs(tok, self.teacher_tokenizer, logit_cache.model_input_keys(model))
+        return logit_cache.TeacherInputs(tok, self.teacher_tokenizer, model_input_keys(model))
 
     @staticmethod
     def _max_length(ctx) -> int:
-        return int(ctx.cfg.task.get("max_length", 128))
+        return int(ctx.cfg.task.max_length)
 
     def setup(self, ctx: TrainContext) -> None:
         from cmiexp.objectives.kd import logit_cache

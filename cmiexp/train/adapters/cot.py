@@ -1,4 +1,4 @@
-"""Runner adapter for chain-of-thought distillation tasks (``task.loader=cot``) on seq2seq students.
+"""Adapter for chain-of-thought distillation tasks (``task.loader=cot``) on seq2seq students.
 
 Data (see ``cmiexp.data.cot``) becomes two tokenised branches per training row:
 
@@ -129,7 +129,7 @@ class CotAdapter:
         if family != "seq2seq":
             raise ConfigError(f"model={cfg.model.name} (family {family}) is not an encoder-decoder; chain-of-thought tasks need "
                               "a seq2seq model (model=tiny-t5, t5-v1_1-small, t5-v1_1-base or t5-v1_1-large)")
-        peft = str((cfg.get("peft") or {}).get("name", "none") or "none")
+        peft = str(cfg.peft.name or "none")
         if peft != "none":  # this adapter trains every weight; do not record a PEFT run that is not one
             raise ConfigError(f"peft={peft} is not implemented for chain-of-thought (seq2seq) tasks; use peft=none")
         self.spec = cot_data_spec(cfg.objective)
