@@ -69,11 +69,19 @@ def test_mini_mode_commands(script, want, tmp_path, cmiexp_env):
     """--mini: the README's offline mini reproductions (tiny models, ../shared data, 3 seeds, dev CMI table)."""
     proc = _run(script, ["--mini", "--dry-run", "--out", str(tmp_path / "o")],
                 dict(cmiexp_env, CMIEXP="cmiexp", CMIEXP_REPORT="cmiexp-report"))
-    sweep_line, report_line = proc.stdout.strip().splitlines()
+    sweep_line, *control_lines, report_line = proc.stdout.strip().splitlines()
     words = sweep_line.replace("\\,", ",").split()
     assert all(w in words for w in want), words
     assert any(w.startswith("task.data_dir=") and w.endswith("shared/data/glue") for w in words)
     assert report_line.endswith("--extra-metric cmi") and not (tmp_path / "o").exists()
+    if script == "reproduce_mcmi_kd.sh":
+        # the matched-budget control: a CE teacher trained as long as the MCMI teacher (2 CE + 1 MCMI epochs)
+        (control,) = control_lines
+        words = control.replace("\\,", ",").split()
+        assert "objective.teacher_config.objective=ce" in words and "objective.teacher_config.trainer.epochs=3" in words
+        assert "objective.teacher_config.trainer.epochs=2" not in words and "seed=1,2,3" in words
+    else:
+        assert control_lines == []
 
 
 ALL_SCRIPTS = ["reproduce_cmi_glue.sh", "reproduce_mcmi_kd.sh", "reproduce_cot_mi.sh", "reproduce_flownib_tables.sh"]
