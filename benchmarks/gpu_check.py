@@ -291,7 +291,7 @@ def check_fsdp_checkpoint(res: dict, model_dir: Path, a, s, work: Path) -> dict:
     if common:
         vs_latest = max(float((state[k].float() - latest[k].float()).abs().max()) for k in common)
     task = load_task(OmegaConf.create(task_config(a, s, s["steps"] * s["batch"])))
-    tok = load_tokenizer(str(best), OmegaConf.create({"padding_side": "right"}))
+    tok = load_tokenizer(str(best), OmegaConf.create({"padding_side": "right", "trust_remote_code": False}))
     (dev,) = [tokenize_split(d, task, tok, s["max_length"], str(work / "cache"), alias).remove_columns(["idx"])
               for alias, d in list(task.eval_splits.items())[:1]]
     device = "cuda" if torch.cuda.is_available() else "cpu"
