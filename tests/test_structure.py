@@ -193,3 +193,15 @@ def test_the_default_check_sees_a_default(tmp_path):
     (pkg / "a.py").write_text("def f(cfg):\n    return cfg.task.get('max_length', 128), cfg.get('other', 1), "
                               "cfg.get('max_length')\n")
     assert defaults_in_code(pkg, {"max_length"}) == ["cmiexp/a.py: cfg.task.get('max_length', 128)"]
+
+
+def test_a_failed_sweep_job_survives_pickling():
+    """Launchers that run jobs in other processes (submitit) pickle the job's return value."""
+    import math
+    import pickle
+
+    from cmiexp.runs.sweeps import JobFailed
+
+    back = pickle.loads(pickle.dumps(JobFailed("/runs/x", "trainer.lr=abc must be a finite number")))
+    assert isinstance(back, JobFailed) and math.isnan(back)
+    assert (back.run_dir, back.message) == ("/runs/x", "trainer.lr=abc must be a finite number")

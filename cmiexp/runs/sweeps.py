@@ -45,6 +45,9 @@ class JobFailed(float):
         value.message = str(message)
         return value
 
+    def __reduce__(self):  # launchers that run jobs in other processes (submitit) pickle the return value
+        return (JobFailed, (self.run_dir, self.message))
+
 
 class FailedJobs(Callback):
     """Collects the sweep's ``JobFailed`` returns; at the end of the sweep lists them on stderr and exits 1."""
