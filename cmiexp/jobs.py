@@ -21,14 +21,13 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None = 
 
     ``lock``: the run directory's lock when the caller holds it already (the ``cmiexp`` command,
     which records a failure under it); otherwise rank 0 takes it here for the job."""
-    if is_probe(cfg):
-        from cmiexp.probes.run_probe import run_probe
+    with holding(run_dir, lock) as held:
+        if is_probe(cfg):
+            from cmiexp.probes.run_probe import run_probe
 
-        with holding(run_dir, lock) as held:
             return run_probe(cfg, run_dir, held)
-    from cmiexp.train.runner import run_experiment
+        from cmiexp.train.runner import run_experiment
 
-    return run_experiment(cfg, run_dir, lock)
-
+        return run_experiment(cfg, run_dir, held)
 
 __all__ = ["is_probe", "run_job"]

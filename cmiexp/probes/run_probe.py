@@ -409,8 +409,9 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None 
     """Run the FlowNIB probe described by ``cfg`` into ``run_dir``; returns the results dict.
 
     ``lock``: the run directory's lock, held by the caller (``cmiexp.jobs.run_job``); the probe
-    claims the directory through it once its inputs are checked. A run directory whose results.json says completed is returned as is, like a finished training
-    run (``trainer.resume=false`` refuses a directory that already holds a run)."""
+    claims the directory through it once its inputs are checked. A run directory whose results.json
+    says completed is returned as is, like a finished training run (``trainer.resume=false`` refuses
+    a directory that already holds a run)."""
     from cmiexp.data import load_task
     from cmiexp.data.tokenize import tokenize_split
     from cmiexp.models.factory import default_cache_dir

@@ -22,13 +22,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.io import atomic_write_text
+from cmiexp.runs.lock import is_rank_zero
 
 SWEEPS = "sweeps"
 
 
 class SweepRecord(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if os.environ.get("RANK", "0") != "0":
+        if not is_rank_zero():
             return  # every rank runs the same sweep; rank 0 records it
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.gmtime())
         out = Path(str(config.hydra.sweep.dir)) / SWEEPS / f"{stamp}-{os.getpid()}"

@@ -77,6 +77,8 @@ class Run:
         self.ctx = None
         self.total_steps = 0
         self.num_epochs = 0
+        self.eval_every: int | None = None  # steps between dev evaluations; None = at each epoch end
+        self.save_every: int | None = None  # steps between checkpoints; None = at each epoch end
         self.state = TrainerState()
         self.results: dict = {}
         # Filled by start_tracking() and fit().
@@ -168,6 +170,8 @@ class Run:
         updates_per_epoch = math.ceil(steps_per_epoch_global / int(t.grad_accum))
         self.total_steps = int(t.max_steps) if int(t.max_steps) > 0 else updates_per_epoch * int(t.epochs)
         self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
+        self.eval_every = parse_every(t.eval_every, "trainer.eval_every")
+        self.save_every = parse_every(t.save_every, "trainer.save_every")
         scheduler = build_scheduler(optimizer, cfg, self.total_steps, acc.num_processes)
         self.model, self.optimizer, self.train_loader, self.full_train_loader, self.scheduler = acc.prepare(
             self.model, optimizer, self.train_loader, self.full_train_loader, scheduler)
@@ -215,8 +219,7 @@ class Run:
         """Train until the step budget is spent; True if stopped early (signal, stop_after_steps)."""
         from cmiexp.train.progress import TrainProgress
 
-        t, state = self.cfg.trainer, self.state
-        eval_every = parse_every(t.eval_every, "trainer.eval_every")
+        t, state, eval_every = self.cfg.trainer, self.state, self.eval_every
         self.stop.install()
         self.clock_start = time.time()
         self.time_before = state.train_time_s
@@ -253,8 +256,7 @@ class Run:
         checkpoint and epoch-end time."""
         t, acc, state, ctx = self.cfg.trainer, self.accelerator, self.state, self.ctx
         model, objective = self.model, self.objective
-        eval_every = parse_every(t.eval_every, "trainer.eval_every")
-        save_every = parse_every(t.save_every, "trainer.save_every")
+        eval_every, save_every = self.eval_every, self.save_every
         stop_after = t.get("stop_after_steps")
         watch = self.watch
         ctx.epoch = state.epoch
