@@ -51,7 +51,8 @@ def finetuned(env) -> Path:
 def probed(finetuned, env) -> tuple[Path, str]:
     """The probe of the fine-tuned run, through the real command."""
     proc = run_cli([*RTE, *PROBE, f"objective.source={finetuned}"], env)
-    (run_dir,) = [d for d in find_run_dirs(env["CMIEXP_OUTPUT_DIR"]) if "/flownib/" in d.as_posix()]
+    # seed 0 (the default): other tests of this module write seed1 probes into the same outputs
+    (run_dir,) = [d for d in find_run_dirs(env["CMIEXP_OUTPUT_DIR"]) if "/flownib/seed0-" in d.as_posix()]
     return run_dir, proc.stdout
 
 
