@@ -61,7 +61,7 @@ def test_full_mode_commands(script, sweep, tmp_path, cmiexp_env):
 
 @pytest.mark.parametrize("script,want", [
     ("reproduce_cmi_glue.sh", ["task=glue/sst2,glue/mrpc,glue/rte,glue/cola", "seed=1,2,3", "model=tiny-bert",
-                               "task.max_train_samples=2000", "trainer.epochs=4", "trainer.eval_every=1000000"]),
+                               "task.max_train_samples=2000", "trainer.epochs=4", "trainer.eval_every=end"]),
     ("reproduce_mcmi_kd.sh", ["task=glue/sst2", "seed=1,2,3", "model=tiny-distilbert", "task.max_train_samples=3000",
                               "objective.teacher_config.model=tiny-bert", "objective.teacher_config.trainer.epochs=2"]),
 ])

@@ -158,3 +158,20 @@ def test_tiny_architectures_train(cmiexp_env, output_dir, model):
     res = json.loads((run_dir / "results.json").read_text())
     assert res["status"] == "completed" and res["model"] == model
     assert math.isfinite(res["final"]["metrics"]["loss"])
+
+
+@pytest.mark.parametrize("value,steps", [("epoch", None), (None, None), (5, 5), ("5", 5)])
+def test_parse_every_accepts_epoch_and_whole_step_counts(value, steps):
+    from cmiexp.train.optim import parse_every
+
+    assert parse_every(value, "trainer.save_every") == steps
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "2.5", "often", True, "end"])
+def test_parse_every_refuses_anything_else_naming_the_key(value):
+    from cmiexp.errors import ConfigError
+    from cmiexp.train.optim import parse_every
+
+    # "end" is a word only trainer.eval_every takes (the runner maps it to the last step itself).
+    with pytest.raises(ConfigError, match=r"trainer\.save_every=.* must be 'epoch' or a positive number of steps"):
+        parse_every(value, "trainer.save_every")

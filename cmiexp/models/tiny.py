@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 
 from cmiexp.errors import ConfigError
+from cmiexp.models.vocab import bytelevel_bpe, unigram_vocab, wordpiece_vocab
 
 ARCHITECTURES = ("bert", "distilbert", "roberta", "gpt2", "t5")
 
@@ -30,44 +31,16 @@ _T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
 
 
 def _train_wordpiece(texts: Iterable[str], vocab_size: int):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertTokenizer
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_BERT_SPECIALS,
-                                                                show_progress=False))
-    return BertTokenizer(vocab=tok.get_vocab(), do_lower_case=True)
-
-
-def _train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, specials: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
-    )
-    model = json.loads(tok.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    return model["vocab"], merges
+    vocab = wordpiece_vocab(texts, vocab_size, _BERT_SPECIALS)
+    return BertTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, do_lower_case=True)
 
 
 def _train_unigram(texts: Iterable[str], vocab_size: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Tokenizer
 
-    tok = Tokenizer(models.Unigram())
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.train_from_iterator(
-        texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=_T5_SPECIALS, unk_token="<unk>",
-                                show_progress=False)
-    )
-    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return T5Tokenizer(vocab=unigram_vocab(texts, vocab_size, _T5_SPECIALS), extra_ids=0)
 
 
 def build_tokenizer(arch: str, texts: Iterable[str], vocab_size: int):
@@ -76,12 +49,12 @@ def build_tokenizer(arch: str, texts: Iterable[str], vocab_size: int):
     if arch == "roberta":
         from transformers import RobertaTokenizer
 
-        vocab, merges = _train_bytelevel_bpe(texts, vocab_size, _ROBERTA_SPECIALS)
+        vocab, merges = bytelevel_bpe(texts, vocab_size, _ROBERTA_SPECIALS)
         return RobertaTokenizer(vocab=vocab, merges=merges)
     if arch == "gpt2":
         from transformers import GPT2Tokenizer
 
-        vocab, merges = _train_bytelevel_bpe(texts, vocab_size, _GPT2_SPECIALS)
+        vocab, merges = bytelevel_bpe(texts, vocab_size, _GPT2_SPECIALS)
         tok = GPT2Tokenizer(vocab=vocab, merges=merges)
         tok.pad_token = tok.eos_token  # GPT-2 has no pad token; the classifier finds the last non-pad token
         return tok
@@ -122,9 +95,14 @@ def build_config(arch: str, spec, tokenizer):
     raise ConfigError(f"unknown model.tiny.architecture={arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
 
 
+# Bumped whenever the way a tiny model is built changes, so cached folders built the old
+# way are not reused (2: deterministic vocabularies, cmiexp/models/vocab.py).
+BUILD_VERSION = 2
+
+
 def tiny_model_dir(cache_dir: str | Path, model_name: str, spec, texts_hash: str) -> Path:
     spec_json = json.dumps({k: spec[k] for k in sorted(spec)}, sort_keys=True, default=str)
-    key = hashlib.sha256(f"{spec_json}|{texts_hash}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{BUILD_VERSION}|{spec_json}|{texts_hash}".encode()).hexdigest()[:16]
     return Path(cache_dir) / "tiny-models" / f"{model_name}-{key}"
 
 

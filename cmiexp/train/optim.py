@@ -16,16 +16,19 @@ def resolve_mixed_precision(value: str) -> str:
     return "no"
 
 
-def parse_every(value, name: str) -> int | None:
-    """"epoch" -> None; a positive int -> steps."""
+def parse_every(value, name: str, allowed: str = "'epoch'") -> int | None:
+    """"epoch" -> None; a positive int -> steps (``allowed`` names the words the caller accepts)."""
     if value in (None, "epoch"):
         return None
+    message = f"{name}={value!r} must be {allowed} or a positive number of steps"
+    if isinstance(value, bool):
+        raise ConfigError(message)
     try:
         v = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{name}={value!r} must be 'epoch' or a positive number of steps") from None
-    if v <= 0:
-        raise ConfigError(f"{name}={value!r} must be 'epoch' or a positive number of steps")
+        raise ConfigError(message) from None
+    if v <= 0 or v != value and str(v) != str(value).strip():
+        raise ConfigError(message)
     return v
 
 

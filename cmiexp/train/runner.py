@@ -170,7 +170,9 @@ class Run:
         updates_per_epoch = math.ceil(steps_per_epoch_global / int(t.grad_accum))
         self.total_steps = int(t.max_steps) if int(t.max_steps) > 0 else updates_per_epoch * int(t.epochs)
         self.num_epochs = math.ceil(self.total_steps / updates_per_epoch)
-        self.eval_every = parse_every(t.eval_every, "trainer.eval_every")
+        # "end": one dev evaluation, after the last step (the read every objective is compared at).
+        self.eval_every = (self.total_steps if t.eval_every == "end"
+                           else parse_every(t.eval_every, "trainer.eval_every", allowed="'epoch', 'end'"))
         self.save_every = parse_every(t.save_every, "trainer.save_every")
         scheduler = build_scheduler(optimizer, cfg, self.total_steps, acc.num_processes)
         self.model, self.optimizer, self.train_loader, self.full_train_loader, self.scheduler = acc.prepare(

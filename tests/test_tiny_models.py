@@ -1,0 +1,89 @@
+"""Tiny offline models are a pure function of their spec and text.
+
+The same config must give the same tokenizer (and so the same ids and the same numbers) on
+every build: a tokenizer whose id map changed between builds made a tiny-BERT accuracy drift
+between runs of one config.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import math
+
+from cmiexp.models.tiny import BUILD_VERSION, build_tokenizer, tiny_model_dir
+from cmiexp.models.vocab import learn_bpe, unigram_vocab, wordpiece_vocab
+from tests.test_heads import shared_task
+
+
+def _texts(n: int = 400) -> list[str]:
+    t = shared_task("rte").train
+    return list(t["sentence1"][:n]) + list(t["sentence2"][:n])
+
+
+def test_learn_bpe_hand_case():
+    # Sennrich et al.'s example corpus. Pair counts: e-s 9, s-t 9 (tie: the smaller pair first),
+    # then es-t 9, l-o 7, lo-w 7; then n-e, e-w, w-est all 6: e-w is the smallest, then ew-est.
+    merges, counts = learn_bpe({"low": 5, "lower": 2, "newest": 6, "widest": 3}, "lowerntsid", budget=6)
+    assert merges == [("e", "s"), ("es", "t"), ("l", "o"), ("lo", "w"), ("e", "w"), ("ew", "est")]
+    assert counts == [9, 9, 7, 7, 6, 6]
+
+
+def test_learn_bpe_with_continuation_prefix():
+    # "abc" x2 -> a ##b ##c; "bc" x1 -> b ##c. ##b-##c (2) ties a-##b (2) and sorts first ("#" < "a").
+    merges, counts = learn_bpe({"abc": 2, "bc": 1}, "abc", budget=10, continuing_prefix="##")
+    assert merges == [("##b", "##c"), ("a", "##bc"), ("b", "##c")] and counts == [2, 2, 1]
+
+
+def test_learn_bpe_counts_only_new_pieces_against_the_budget():
+    # "ab" x3 -> a ##b; "xab" x1 -> x ##a ##b. The first merge, a-##b (3), rebuilds the known "ab", so
+    # learning goes on to ##a-##b (1; it ties x-##a and sorts first), the one new piece the budget allows.
+    merges, _ = learn_bpe({"ab": 3, "xab": 1}, "abx", budget=1, continuing_prefix="##", known={"ab"})
+    assert merges == [("a", "##b"), ("##a", "##b")]
+
+
+def test_wordpiece_vocab_layout():
+    vocab = wordpiece_vocab(["The cat sat.", "the CAT", "the a"], 20, ["[PAD]", "[UNK]"])
+    chars = [".", "a", "c", "e", "h", "s", "t"]
+    assert vocab[:2] == ["[PAD]", "[UNK]"]
+    assert vocab[2:2 + len(chars)] == chars and vocab[2 + len(chars):2 + 2 * len(chars)] == [f"##{c}" for c in chars]
+    # merges (lower-cased words: the x3, cat x2, sat x1, a x1): ##a-##t 3 and ##h-##e 3 first, then t-##he 3 ...
+    assert vocab[16:] == ["##at", "##he", "the", "cat"] and len(vocab) == 20
+
+
+def test_unigram_vocab_scores_are_log_frequencies():
+    # Metaspace words: "▁the" x2, "▁cat" x2, "▁sat." x1: 21 character occurrences.
+    vocab = unigram_vocab(["the cat sat.", "the cat"], 12, ["<pad>", "</s>", "<unk>"])
+    assert [p for p, _ in vocab[:3]] == ["<pad>", "</s>", "<unk>"] and all(s == 0.0 for _, s in vocab[:3])
+    scores = dict(vocab)
+    assert sorted(p for p, _ in vocab[3:11]) == [".", "a", "c", "e", "h", "s", "t", "▁"]
+    # the first merge is a-t (3: cat x2, sat x1); total = 21 characters + 3 for the one merged piece
+    assert vocab[11][0] == "at"
+    assert scores["at"] == pytest.approx(math.log(3 / 24)) and scores["t"] == pytest.approx(math.log(5 / 24))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "gpt2", "t5"])
+def test_tokenizer_build_is_deterministic(arch):
+    texts = _texts()
+    first = build_tokenizer(arch, texts, 600).get_vocab()
+    second = build_tokenizer(arch, texts, 600).get_vocab()
+    assert first == second
+
+
+def test_wordpiece_tokenizer_covers_its_text_and_keeps_bert_ids():
+    texts = _texts()
+    tok = build_tokenizer("bert", texts, 600)
+    assert len(tok) == 600
+    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [0, 1, 2, 3, 4]
+    ids = tok(texts[:50])["input_ids"]
+    assert all(tok.unk_token_id not in row for row in ids)
+    # frequent words are single tokens; the rest split into characters, and decode back
+    assert tok.tokenize("the") == ["the"]
+    assert tok.decode(tok("Zyzzyva theorem.", add_special_tokens=False)["input_ids"]) == "zyzzyva theorem."
+
+
+def test_tiny_model_dir_changes_with_build_version(monkeypatch):
+    spec = {"architecture": "bert", "vocab_size": 600}
+    before = tiny_model_dir("/c", "tiny-bert", spec, "h")
+    monkeypatch.setattr("cmiexp.models.tiny.BUILD_VERSION", BUILD_VERSION + 1)
+    assert tiny_model_dir("/c", "tiny-bert", spec, "h") != before
