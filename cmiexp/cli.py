@@ -75,44 +75,38 @@ def format_results_table(results: dict) -> str:
     return summary_text(results)
 
 
-def export_slurm_distributed_env(env=None) -> bool:
-    """Inside a Slurm job with several tasks (the submitit launcher), expose Slurm's process layout
-    as the torch.distributed variables Accelerate reads. Returns True if it did."""
+def export_slurm_distributed_env() -> bool:
+    """Inside a submitit job with several tasks (hydra/launcher=submitit_slurm or local_submitit),
+    expose its process layout as the torch.distributed variables Accelerate reads, with submitit's
+    own helper (MASTER_ADDR = the job's first host, a MASTER_PORT every task derives from the job
+    id). Leaves a single-task job, or one already under torchrun (RANK set), alone. True if it did."""
     import os
 
-    env = os.environ if env is None else env
-    ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
-    if ntasks <= 1 or "RANK" in env or "SUBMITIT_FOLDER" not in env and "SUBMITIT_EXECUTOR" not in env:
+    if "RANK" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
         return False
-    env["RANK"] = env["SLURM_PROCID"]
-    env["WORLD_SIZE"] = str(ntasks)
-    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in env:
-        nodelist = env.get("SLURM_JOB_NODELIST", "127.0.0.1")
-        try:
-            import subprocess
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
 
-            first = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                                   timeout=30).stdout.split()[0]
-        except (OSError, IndexError, subprocess.SubprocessError):
-            first = nodelist.split(",")[0]
-        env["MASTER_ADDR"] = first
-    # A port derived from the job id: every task of the job agrees on it without talking.
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000))
+    if JobEnvironment().num_tasks <= 1:
+        return False
+    # CUDA_VISIBLE_DEVICES is left alone: Accelerate picks cuda:LOCAL_RANK itself.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return True
 
 
-def _sweeper_wants_value(hc) -> bool:
-    """Optuna (and similar) sweepers optimise the value the task function returns."""
-    target = str(hc.sweeper.get("_target_", ""))
-    return "optuna" in target.lower() or "nevergrad" in target.lower() or "ax_sweeper" in target.lower()
-
-
-def objective_value(results: dict | None) -> float:
-    """The best primary dev metric of a run (NaN for a failed run: the sweeper records it as failed)."""
+def objective_value(results: dict | None, metric: str = "primary") -> float:
+    """The value a sweeper optimises (config key ``optimized_metric``): the best checkpoint's dev
+    ``metric`` ("primary": the task's primary metric). NaN for a failed run, which the sweeper
+    records as a failed trial; NaN with an error line naming the key for a metric the run lacks."""
+    if not results or results.get("status") != "completed":
+        return float("nan")
+    name = results.get("primary_metric") if metric == "primary" else metric
+    metrics = (results.get("best") or {}).get("metrics") or {}
     try:
-        return float(results["best"]["metrics"][results["primary_metric"]])
-    except (TypeError, KeyError, ValueError):
+        return float(metrics[name])
+    except (KeyError, TypeError, ValueError):
+        log.error("optimized_metric=%s: the run has no such dev metric (it has: %s); the sweeper gets NaN",
+                  metric, ", ".join(sorted(metrics)) or "none")
         return float("nan")
 
 
@@ -140,7 +134,6 @@ def _entry(cfg: DictConfig):
         root.setLevel(logging.WARNING)
     multirun = hc.mode == RunMode.MULTIRUN
     verbose = bool(hc.verbose)
-    value = _sweeper_wants_value(hc)
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in os.environ:
         # Accelerate's --cpu uses its single-process launcher whatever --num_processes says.
         log.warning("accelerate launch --cpu starts ONE process; for N CPU processes use "
@@ -163,7 +156,8 @@ def _entry(cfg: DictConfig):
             render_summary(results)
             # The same summary in cmiexp.log (as text; the console already shows the table).
             log.info("end of run:\n%s", summary_text(results).rstrip(), extra={FILE_ONLY: True})
-        return objective_value(results) if value else results
+        # What a sweeper that optimises (Optuna) reads; the basic sweeper ignores it.
+        return objective_value(results, str(cfg.optimized_metric))
     except Preempted as e:
         print(f"cmiexp: {e}", file=sys.stderr)
         sys.exit(143)

@@ -32,6 +32,10 @@ from filelock import FileLock
 from tests.conftest import REPO
 
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Every test here on one xdist worker (pyproject: --dist loadgroup): the documented commands run once, in
+# the session fixture `executed`, and a second worker asking for it would only wait on the first's lock.
+pytestmark = pytest.mark.xdist_group("docs-commands")
+
 RUN_TAG = "bash"
 NOT_RUN_TAGS = ("bash needs-hub", "bash needs-gpu")
 SHELL_WORDS = {"bash", "sh", "shell", "console", "zsh", "shell-session"}

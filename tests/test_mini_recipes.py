@@ -48,3 +48,20 @@ def test_eval_once_at_the_end(cmiexp_env, tmp_path):
     evals = [json.loads(line) for line in (res_path.parent / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [6]
     assert res["best"]["step"] == res["final"]["step"] == 6 and res["best"]["metrics"] == res["final"]["metrics"]
+
+
+@pytest.mark.parametrize("objective", ["dss", "cot_mi"])
+def test_cot_mi_mini_overlay(objective):
+    """(d): tiny-t5 at its own lr, the papers' objective settings, one valid read after the last step, and the
+    same step budget for both objectives."""
+    cfg = OmegaConf.to_container(compose_config(["experiment=cot_mi_mini", "task=cot/cqa", f"objective={objective}"]),
+                                 resolve=True)
+    assert cfg["experiment_name"] == "cot_mi_mini" and cfg["task"]["name"] == "cot/cqa"
+    assert cfg["model"]["name"] == "tiny-t5" and cfg["trainer"]["lr"] == cfg["model"]["lr"] == 1.0e-3
+    assert cfg["trainer"]["eval_every"] == "end" and cfg["trainer"]["max_steps"] == 400
+    o = cfg["objective"]
+    assert o["name"] == objective and o["alpha"] == 0.5
+    if objective == "cot_mi":
+        assert o["beta"] == 0.1 and o["mi_variant"] == "reference"
+    # the test split is never used for selection: the final model is the one evaluated on test
+    assert cfg["task"]["max_eval_samples"] == 400 and cfg["task"]["label_source"] == "llm"

@@ -171,7 +171,6 @@ def defaults_in_code(package: Path, keys: set[str]) -> list[str]:
 # Reads that are not of a composed config: records on disk written by other (possibly older)
 # versions, report rows and Hydra's own node.
 NOT_CONFIG_READS = {
-    "cmiexp/cli.py: hc.sweeper.get('_target_', '')",  # Hydra's sweeper node
     "cmiexp/models/heads.py: meta.get('dropout', 0.1)",  # a saved classifier's head.json
     "cmiexp/probes/run_probe.py: r.get('seed', c.get('seed'))",  # a source run's results.json
     "cmiexp/report/tables.py: r.source.get('split', '')",  # a report row

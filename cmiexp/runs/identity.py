@@ -23,6 +23,7 @@ IDENTITY_EXCLUDED_KEYS = (
     "paths",                      # where outputs, caches and teachers live
     "logger",                     # trackers only observe
     "experiment_name",            # already the first readable part of the run directory
+    "optimized_metric",           # what a sweeper reads back, not what is trained
     "trainer.resume",
     "trainer.stop_after_steps",
     "trainer.progress_bar",
