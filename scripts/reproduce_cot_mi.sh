@@ -21,6 +21,9 @@ accuracy/ECE go to results.json "test" and predictions.jsonl); the report shows 
 
   COT_DATA_DIR=/path/to/dss/datasets scripts/reproduce_cot_mi.sh      # the full grid (GPU, hours per run)
   scripts/reproduce_cot_mi.sh --smoke                                 # offline smoke test (CPU, ~1-2 min)
+  scripts/reproduce_cot_mi.sh --mini                                  # offline mini reproduction (~10 min on
+                                                                      # 2 cores): tiny-t5, DSS vs MI-CoT, SVAMP
+                                                                      # and CQA x 3 seeds (experiment=cot_mi_mini)
 
 Defaults: tasks svamp,cqa,anli1,esnli (smoke: svamp,cqa: the offline fixtures have no ANLI train file;
 family cot), seeds 0,1,2 (smoke: 0). COT_DATA_DIR is the unzipped datasets/ folder of DSS'"'"'s datasets.zip
@@ -28,15 +31,32 @@ family cot), seeds 0,1,2 (smoke: 0). COT_DATA_DIR is the unzipped datasets/ fold
 Smoke mode: tiny-t5 (offline, random weights), a few steps on small subsets, one thread; it checks the whole
 pipeline end to end and ends with the report table. Its numbers mean nothing.
 Re-running the same command resumes unfinished runs and skips finished ones.'
-SCRIPT_FLAGS=()
+SCRIPT_FLAGS=(--mini)
 SCRIPT_VALUES=()
-SCRIPT_OPTIONS_HELP=''
+SCRIPT_OPTIONS_HELP='  --mini            DSS vs MI-CoT with tiny-t5 on SVAMP and CQA x 3 seeds, 400 steps (out: <out>/mini)'
+opt_mini=0
 source "$here/lib/args.sh"
 repro_parse_args "$@"
+mini=$opt_mini
 
 OBJECTIVES="dss,cot_mi,cot_finetune,cot_distill"
+OVERLAY=cot_mi
 sweeps=()
-if [[ $smoke == 1 ]]; then
+if [[ $mini == 1 ]]; then
+  # docs/reproductions.md (d): the recipe is conf/experiment/cot_mi_mini.yaml; the two methods compared, at one
+  # step budget, read once after the last step. Two sweeps side by side (one per task, one thread each).
+  repro_out mini
+  DATA="${COT_DATA_DIR:-$repo/../shared/data/cot}"
+  EXPERIMENT=cot_mi_mini
+  OVERLAY=cot_mi_mini
+  OBJECTIVES="dss,cot_mi"
+  tasks="${tasks:-svamp,cqa}"
+  seeds="${seeds:-0,1,2}"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+  models=(tiny-t5)
+  recipe=()
+elif [[ $smoke == 1 ]]; then
   repro_out smoke
   DATA="${COT_DATA_DIR:-$repo/../shared/data/cot}"
   EXPERIMENT=cot_mi_smoke
@@ -66,12 +86,28 @@ fi
 task_list="$(repro_tasks cot "$tasks")"
 
 [[ $dry == 1 ]] || mkdir -p "$out"
-for MODEL in "${models[@]}"; do
-  # A failed run is recorded in its run directory; the sweep goes on and the report lists it.
-  repro_run cot_mi "${CMIEXP_CMD[@]}" -m experiment=cot_mi experiment_name="$EXPERIMENT" model="$MODEL" \
-    "task=$task_list" objective="$OBJECTIVES" "seed=$seeds" "task.data_dir=$DATA" "paths.output_dir=$out" \
+sweep() {  # sweep MODEL TASKS: one cmiexp sweep (a failed run is recorded in its run directory; the sweep goes on)
+  repro_run cot_mi "${CMIEXP_CMD[@]}" -m experiment="$OVERLAY" experiment_name="$EXPERIMENT" model="$1" \
+    "task=$2" objective="$OBJECTIVES" "seed=$seeds" "task.data_dir=$DATA" "paths.output_dir=$out" \
     ${recipe[@]+"${recipe[@]}"} ${extra[@]+"${extra[@]}"}
-done
+}
+if [[ $mini == 1 && $dry == 0 ]]; then
+  # One sweep per task, side by side on the machine's cores (one thread each), then wait for all of them.
+  pids=()
+  for TASK in ${task_list//,/ }; do
+    ( sweep "${models[0]}" "$TASK"; exit "$repro_status" ) &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || repro_status=$?; done
+else
+  for MODEL in "${models[@]}"; do
+    if [[ $mini == 1 ]]; then
+      for TASK in ${task_list//,/ }; do sweep "$MODEL" "$TASK"; done
+    else
+      sweep "$MODEL" "$task_list"
+    fi
+  done
+fi
 # The paper reports test accuracy: the report reads each run's results.json "test" block.
 repro_run report "${REPORT_CMD[@]}" "$out/runs/$EXPERIMENT" --split test
 exit "$repro_status"

@@ -20,11 +20,33 @@ def test_collapse_check_on_hand_made_histograms():
     assert collapse_check({"pred_counts": [20, 12]}, ["a", "b"])["collapsed"] is False
     assert collapse_check({"pred_counts": [0, 0, 40]}, None)["majority_class"] == "2"
     assert collapse_check({"pred_counts": [30, 2]}, ["a", "b"], share=0.9)["collapsed"] is True
-    assert collapse_check({"accuracy": 0.5}, ["a", "b"]) is None  # regression / generation: no histogram
+    assert collapse_check({"accuracy": 0.5}, ["a", "b"]) is None  # regression: no histogram
     f = collapse_fields({"pred_counts": [10, 10]}, {"pred_counts": [0, 20]}, ["a", "b"])
     assert f["collapsed"] is True and f["collapsed_at"] == ["final"]
     assert f["predicted_class_histogram"] == {"best": {"a": 10, "b": 10}, "final": {"a": 0, "b": 20}}
     assert collapse_fields(None, {"loss": 1.0}, None) == {}
+
+
+def test_generation_collapse_is_one_output_text_for_nearly_every_row():
+    # 380 of 400 chain-of-thought answers are the same string: 0.95 of the rows, at the threshold
+    c = collapse_check({"accuracy": 0.0, "top_prediction_share": 380 / 400, "num_samples": 400}, None)
+    assert c == {"collapsed": True, "majority_class": "the most common output", "majority_share": 0.95,
+                 "histogram": {"most common output": 380, "other outputs": 20}}
+    assert collapse_check({"top_prediction_share": 0.3, "num_samples": 200}, None)["collapsed"] is False
+    assert collapse_check({"top_prediction_share": 0.3}, None) is None  # no row count: nothing to judge
+
+
+def test_cot_score_reports_the_share_of_the_most_common_output():
+    from types import SimpleNamespace
+
+    from cmiexp.train.adapters.cot import CotAdapter
+
+    adapter = CotAdapter.__new__(CotAdapter)
+    adapter.raw = {"valid": {i: (f"q{i}", "gold") for i in range(4)}}
+    run = SimpleNamespace(task=SimpleNamespace(name="cot/x", is_correct=lambda p, g: p == g))
+    rows = [{"idx": i, "prediction": p, "confidence": 0.5} for i, p in enumerate(["a", "a", "gold", "a"])]
+    m = adapter.score(run, "valid", rows)
+    assert m["top_prediction_share"] == 0.75 and m["accuracy"] == 0.25 and m["num_samples"] == 4
 
 
 @pytest.mark.slow

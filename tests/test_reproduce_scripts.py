@@ -84,6 +84,22 @@ def test_mini_mode_commands(script, want, tmp_path, cmiexp_env):
         assert control_lines == []
 
 
+def test_cot_mini_mode_commands(tmp_path, cmiexp_env):
+    """--mini of the CoT script: one sweep per task (they run side by side), DSS vs MI-CoT only, the cot_mi_mini
+    recipe, then the test-split report."""
+    proc = _run("reproduce_cot_mi.sh", ["--mini", "--dry-run", "--out", str(tmp_path / "o")],
+                dict(cmiexp_env, CMIEXP="cmiexp", CMIEXP_REPORT="cmiexp-report"))
+    *sweeps, report_line = proc.stdout.strip().splitlines()
+    assert [next(w for w in s.split() if w.startswith("task=")) for s in sweeps] == ["task=cot/svamp", "task=cot/cqa"]
+    for line in sweeps:
+        words = line.replace("\\,", ",").split()
+        assert {"experiment=cot_mi_mini", "model=tiny-t5", "objective=dss,cot_mi", "seed=0,1,2"} <= set(words), words
+        assert any(w.startswith("task.data_dir=") and w.endswith("shared/data/cot") for w in words)
+        assert not any(w.startswith(("trainer.", "task.max_")) for w in words)  # the recipe is the overlay's
+    assert report_line.startswith("cmiexp-report ") and report_line.endswith("cot_mi_mini --split test")
+    assert not (tmp_path / "o").exists()
+
+
 ALL_SCRIPTS = ["reproduce_cmi_glue.sh", "reproduce_mcmi_kd.sh", "reproduce_cot_mi.sh", "reproduce_flownib_tables.sh"]
 #: The task each script is given in the interface test, and the task= value its cmiexp calls must carry.
 INTERFACE_TASK = {"reproduce_cmi_glue.sh": ("rte", "glue/rte"), "reproduce_mcmi_kd.sh": ("rte", "glue/rte"),

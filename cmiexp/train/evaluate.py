@@ -78,10 +78,17 @@ COLLAPSE_SHARE = 0.95
 
 def collapse_check(metrics: dict | None, label_names, share: float = COLLAPSE_SHARE) -> dict | None:
     """Whether the predictions behind ``metrics`` (a dev evaluation with ``pred_counts``) are (nearly)
-    all one class. None when the metrics hold no histogram (regression, generation tasks)."""
+    all one class, or for a generation task (``top_prediction_share``) (nearly) all the same output
+    text. None when the metrics hold neither (regression)."""
     counts = (metrics or {}).get("pred_counts")
     if not isinstance(counts, list) or not counts or sum(counts) <= 0:
-        return None
+        top_share, n = (metrics or {}).get("top_prediction_share"), (metrics or {}).get("num_samples")
+        if top_share is None or not n:
+            return None
+        top = int(round(float(top_share) * int(n)))
+        return {"collapsed": float(top_share) >= share, "majority_class": "the most common output",
+                "majority_share": float(top_share),
+                "histogram": {"most common output": top, "other outputs": int(n) - top}}
     total = sum(counts)
     top = max(range(len(counts)), key=lambda i: counts[i])
     names = list(label_names) if label_names and len(label_names) == len(counts) else [str(i) for i in range(len(counts))]

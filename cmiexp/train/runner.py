@@ -446,7 +446,7 @@ class Run:
         if fields.get("collapsed") and self.accelerator.is_main_process:
             which = " and ".join(fields["collapsed_at"])
             hist = fields["predicted_class_histogram"][fields["collapsed_at"][0]]
-            log.warning("COLLAPSED: the %s dev predictions are (nearly) all one class (%s); the model has not "
+            log.warning("COLLAPSED: the %s dev predictions are (nearly) all one class or one output (%s); the model has not "
                         "learned task=%s: check trainer.lr (now %g), train longer or on more data", which,
                         ", ".join(f"{k}: {v}" for k, v in hist.items()), self.task.name, float(self.cfg.trainer.lr))
 

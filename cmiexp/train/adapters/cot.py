@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -239,9 +240,13 @@ class CotAdapter:
             r.update(input=x, gold=gold, correct=bool(run.task.is_correct(r["prediction"], gold)))
         correct = [r["correct"] for r in rows]
         conf = [r["confidence"] for r in rows]
+        # The share of the most common generated text: near 1 the model writes one answer for every
+        # input (a collapsed run, flagged by the runner like a one-class classifier).
+        top = Counter(r["prediction"] for r in rows).most_common(1)[0][1]
         return {"accuracy": sum(correct) / len(rows),
                 "ece": expected_calibration_error(conf, correct, ECE_BINS),
                 "mean_confidence": sum(conf) / len(conf),
+                "top_prediction_share": top / len(rows),
                 "num_samples": len(rows)}
 
     def evaluate(self, run, model, eval_loaders) -> dict:
