@@ -105,8 +105,9 @@ def objective_value(results: dict | None, metric: str = "primary") -> float:
     try:
         return float(metrics[name])
     except (KeyError, TypeError, ValueError):
-        log.error("optimized_metric=%s: the run has no such dev metric (it has: %s); the sweeper gets NaN",
-                  metric, ", ".join(sorted(metrics)) or "none")
+        if metric != "primary":  # a name the user chose; "primary" on a run without dev metrics (a probe) is NaN
+            log.error("optimized_metric=%s: the run has no such dev metric (it has: %s); the sweeper gets NaN",
+                      metric, ", ".join(sorted(metrics)) or "none")
         return float("nan")
 
 

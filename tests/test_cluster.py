@@ -103,6 +103,9 @@ def test_objective_value_is_the_optimized_metric_of_the_best_checkpoint(caplog):
     # a metric the run does not have: NaN (a failed trial) and one line naming the key and what exists
     assert math.isnan(objective_value(done, "mcc"))
     assert "optimized_metric=mcc: the run has no such dev metric (it has: accuracy, f1)" in caplog.text
+    caplog.clear()
+    probe = {"status": "completed", "objective": "flownib"}  # no dev metrics: NaN, and no error line
+    assert math.isnan(objective_value(probe)) and caplog.text == ""
 
 
 def test_optimized_metric_is_not_part_of_the_run_identity():
