@@ -26,6 +26,12 @@ from typing import Iterable
 Pair = tuple[str, str]
 
 
+def merged_piece(a: str, b: str, continuing_prefix: str = "") -> str:
+    """The piece a merge of ``a`` and ``b`` makes: ``b`` loses its continuation prefix ("##")."""
+    p = continuing_prefix
+    return a + b[len(p):] if p and b.startswith(p) else a + b
+
+
 def learn_bpe(word_counts: dict[str, int], alphabet: Iterable[str], budget: int,
               continuing_prefix: str = "", known: Iterable[str] = ()) -> tuple[list[Pair], list[int]]:
     """Merges learnt from ``word_counts`` until ``budget`` new pieces exist, with each pair's count.
@@ -43,9 +49,6 @@ def learn_bpe(word_counts: dict[str, int], alphabet: Iterable[str], budget: int,
 
     def initial(word: str) -> list[str]:
         return [c if i == 0 else prefix + c for i, c in enumerate(word)]
-
-    def joined(a: str, b: str) -> str:
-        return a + b[len(prefix):] if prefix and b.startswith(prefix) else a + b
 
     def mergeable(sym: str) -> bool:
         return all(c in allowed for c in (sym[len(prefix):] if prefix and sym.startswith(prefix) else sym))
@@ -77,7 +80,7 @@ def learn_bpe(word_counts: dict[str, int], alphabet: Iterable[str], budget: int,
         if counts.get(pair, 0) != -neg or -neg <= 0:
             continue
         a, b = pair
-        new = joined(a, b)
+        new = merged_piece(a, b, prefix)
         merges.append(pair)
         merge_counts.append(-neg)
         if new not in pieces:
@@ -180,7 +183,7 @@ def _extend(vocab: list[str], words: Counter[str], alphabet: list[str], vocab_si
     counts: Counter[str] = Counter()
     merges, merge_counts = learn_bpe(words, alphabet, max(vocab_size - len(vocab), 0), prefix, known=taken)
     for (a, b), n in zip(merges, merge_counts):
-        piece = a + b[len(prefix):] if prefix and b.startswith(prefix) else a + b
+        piece = merged_piece(a, b, prefix)
         if piece not in taken:
             vocab.append(piece)
             taken.add(piece)
@@ -188,4 +191,4 @@ def _extend(vocab: list[str], words: Counter[str], alphabet: list[str], vocab_si
     return vocab, merges, counts
 
 
-__all__ = ["bytelevel_bpe", "learn_bpe", "unigram_vocab", "wordpiece_vocab"]
+__all__ = ["bytelevel_bpe", "learn_bpe", "merged_piece", "unigram_vocab", "wordpiece_vocab"]
