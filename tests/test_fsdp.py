@@ -193,6 +193,9 @@ def _fsdp_worker(rank: int, world: int, port: int, env: dict, out_dir: str) -> N
             model.save_pretrained(Path(out_dir) / "best", state_dict=full, safe_serialization=True)
             (Path(out_dir) / "fsdp.json").write_text(json.dumps(
                 {"losses": losses, "fields": fields, "world": dist.get_world_size(), "local_numel": sizes}))
+        # Both ranks leave together: a rank that tore its gloo group down while rank 0 was still saving
+        # was once aborted by gloo ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
