@@ -116,6 +116,10 @@ def test_benign_library_warnings_dropped_genuine_ones_kept():
 
     from cmiexp.train.environment import ConsoleFilter, route_library_logs
 
+    # logging.captureWarnings(True) does nothing while an earlier call in this process is still in force,
+    # and pytest swaps warnings.showwarning per test: start from the off state, so the route taken here is
+    # the one route_library_logs sets up (this test failed when another test of its worker had called it).
+    logging.captureWarnings(False)
     route_library_logs()
     seen: list[str] = []
 
