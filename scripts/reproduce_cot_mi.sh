@@ -42,31 +42,30 @@ mini=$opt_mini
 OBJECTIVES="dss,cot_mi,cot_finetune,cot_distill"
 OVERLAY=cot_mi
 sweeps=()
+if [[ $mini == 1 || $smoke == 1 ]]; then
+  # Both offline modes: ../shared data unless COT_DATA_DIR is set, no hub, and one thread per process (tiny models
+  # on a shared CPU run faster on one thread than on several competing ones).
+  DATA="${COT_DATA_DIR:-$repo/../shared/data/cot}"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
+  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+  models=(tiny-t5)
+fi
 if [[ $mini == 1 ]]; then
   # docs/reproductions.md (d): the recipe is conf/experiment/cot_mi_mini.yaml; the two methods compared, at one
   # step budget, read once after the last step. Two sweeps side by side (one per task, one thread each).
   repro_out mini
-  DATA="${COT_DATA_DIR:-$repo/../shared/data/cot}"
   EXPERIMENT=cot_mi_mini
   OVERLAY=cot_mi_mini
   OBJECTIVES="dss,cot_mi"
   tasks="${tasks:-svamp,cqa}"
   seeds="${seeds:-0,1,2}"
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-  models=(tiny-t5)
   recipe=()
 elif [[ $smoke == 1 ]]; then
   repro_out smoke
-  DATA="${COT_DATA_DIR:-$repo/../shared/data/cot}"
   EXPERIMENT=cot_mi_smoke
   tasks="${tasks:-svamp,cqa}"
   seeds="${seeds:-0}"
-  # Tiny models on a shared CPU run faster on one thread than on several competing ones.
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-  export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
   # eval_every=3 with 8 steps: model selection over three evaluations (steps 3, 6, 8).
-  models=(tiny-t5)
   recipe=(task.max_train_samples=32 task.max_eval_samples=12
           task.max_input_length=96 task.max_target_length=48 task.generation_max_length=12
           trainer.max_steps=8 trainer.batch_size=4 trainer.eval_batch_size=12 trainer.eval_every=3
