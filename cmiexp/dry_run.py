@@ -345,8 +345,8 @@ def estimate(cfg, processes: int | None = None) -> Estimate:
         from cmiexp.objectives.cot import cot_data_spec
 
         spec = cot_data_spec(cfg.objective)
-        s_in = int(cfg.task.max_input_length or 1024)
-        s_out = int(cfg.task.max_target_length or 256)
+        s_in = int(cfg.task.max_input_length)
+        s_out = int(cfg.task.max_target_length)
         branches = 2 if spec.rationale else 1
 
         def forward(m):
@@ -363,7 +363,7 @@ def estimate(cfg, processes: int | None = None) -> Estimate:
     else:
         from cmiexp.models.heads import model_input_keys
 
-        s = int(cfg.task.max_length or 128)
+        s = int(cfg.task.max_length)
         keys = model_input_keys(model)
         use_tt = "token_type_ids" in keys and int(getattr(config, "type_vocab_size", 0) or 0) > 1
 

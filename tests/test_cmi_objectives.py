@@ -31,6 +31,10 @@ from cmiexp.objectives.centroids import CentroidEstimator
 from cmiexp.objectives.cmi_objectives import full_pass_centroids, full_pass_valid_mask
 from tests.conftest import GLUE_DIR, compose_config, find_run_dirs, run_cli
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("cmi_objectives")
+
 C, F_DIM = 3, 5
 
 

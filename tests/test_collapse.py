@@ -14,26 +14,26 @@ from tests.conftest import GLUE_DIR, find_run_dirs, run_cli
 
 
 def test_collapse_check_on_hand_made_histograms():
-    c = collapse_check({"pred_counts": [31, 1]}, ["not_entailment", "entailment"])
+    c = collapse_check({"pred_counts": [31, 1]}, ["not_entailment", "entailment"], 0.95)
     assert c == {"collapsed": True, "majority_class": "not_entailment", "majority_share": 31 / 32,
                  "histogram": {"not_entailment": 31, "entailment": 1}}
-    assert collapse_check({"pred_counts": [20, 12]}, ["a", "b"])["collapsed"] is False
-    assert collapse_check({"pred_counts": [0, 0, 40]}, None)["majority_class"] == "2"
+    assert collapse_check({"pred_counts": [20, 12]}, ["a", "b"], 0.95)["collapsed"] is False
+    assert collapse_check({"pred_counts": [0, 0, 40]}, None, 0.95)["majority_class"] == "2"
     assert collapse_check({"pred_counts": [30, 2]}, ["a", "b"], share=0.9)["collapsed"] is True
-    assert collapse_check({"accuracy": 0.5}, ["a", "b"]) is None  # regression: no histogram
-    f = collapse_fields({"pred_counts": [10, 10]}, {"pred_counts": [0, 20]}, ["a", "b"])
+    assert collapse_check({"accuracy": 0.5}, ["a", "b"], 0.95) is None  # regression: no histogram
+    f = collapse_fields({"pred_counts": [10, 10]}, {"pred_counts": [0, 20]}, ["a", "b"], 0.95)
     assert f["collapsed"] is True and f["collapsed_at"] == ["final"]
     assert f["predicted_class_histogram"] == {"best": {"a": 10, "b": 10}, "final": {"a": 0, "b": 20}}
-    assert collapse_fields(None, {"loss": 1.0}, None) == {}
+    assert collapse_fields(None, {"loss": 1.0}, None, 0.95) == {}
 
 
 def test_generation_collapse_is_one_output_text_for_nearly_every_row():
     # 380 of 400 chain-of-thought answers are the same string: 0.95 of the rows, at the threshold
-    c = collapse_check({"accuracy": 0.0, "top_prediction_share": 380 / 400, "num_samples": 400}, None)
+    c = collapse_check({"accuracy": 0.0, "top_prediction_share": 380 / 400, "num_samples": 400}, None, 0.95)
     assert c == {"collapsed": True, "majority_class": "the most common output", "majority_share": 0.95,
                  "histogram": {"most common output": 380, "other outputs": 20}}
-    assert collapse_check({"top_prediction_share": 0.3, "num_samples": 200}, None)["collapsed"] is False
-    assert collapse_check({"top_prediction_share": 0.3}, None) is None  # no row count: nothing to judge
+    assert collapse_check({"top_prediction_share": 0.3, "num_samples": 200}, None, 0.95)["collapsed"] is False
+    assert collapse_check({"top_prediction_share": 0.3}, None, 0.95) is None  # no row count: nothing to judge
 
 
 def test_cot_score_reports_the_share_of_the_most_common_output():
@@ -80,6 +80,6 @@ def test_collapse_share_is_checked_before_training(tmp_path, cache_dir):
     from tests.conftest import compose_config
 
     cfg = compose_config(["trainer.collapse_share=1.5", f"paths.output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
-    with pytest.raises(ConfigError, match=r"trainer.collapse_share=1.5 must be a fraction in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"trainer.collapse_share=1.5 must be in \(0, 1\]"):
         run_experiment(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -19,6 +19,10 @@ import torch
 from cmiexp.errors import ConfigError, DataError
 from tests.conftest import GLUE_DIR, compose_config, find_run_dirs, run_cli
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("flownib_probe")
+
 RTE = ["task=glue/rte", f"task.data_dir={GLUE_DIR}", "task.max_train_samples=128", "task.max_eval_samples=32",
        "task.max_length=64"]
 PROBE = ["objective=flownib", "objective.steps=30", "objective.max_samples=128", "objective.batch_size=32",
@@ -226,6 +230,16 @@ def test_bad_probe_settings_name_the_key(tmp_path):
     for key, value in (("pooling", "max"), ("steps", 0), ("batch_size", 1), ("heldout_fraction", 1.0), ("lr", -1)):
         with pytest.raises(ConfigError, match=f"objective.{key}="):
             probe_settings({**base, key: value})
+    # the numbers follow cmiexp.checks' one rule: no strings, no bools, no nan; null only where it means something
+    for key, value, text in (("lr", "abc", "objective.lr='abc' must be a finite number"),
+                             ("steps", "30", "objective.steps='30' must be an integer"),
+                             ("max_samples", 2, "objective.max_samples=2 must be >= 4, or null (the whole split)"),
+                             ("noise_std", float("nan"), "objective.noise_std=nan must be a finite number"),
+                             ("delta", None, "objective.delta=null must be a finite number")):
+        with pytest.raises(ConfigError) as e:
+            probe_settings({**base, key: value})
+        assert str(e.value).startswith(text), str(e.value)
+    assert probe_settings({**base, "steps": 30.0})["steps"] == 30 and probe_settings(base)["max_samples"] == 5000
     with pytest.raises(ConfigError, match="objective.compare entry .*no flownib.json"):
         load_compare_entries([str(tmp_path)])
     listed = compose_config(["objective=flownib", "objective.compare=[a/b,c]"]).objective

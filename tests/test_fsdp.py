@@ -29,6 +29,10 @@ import torch
 
 from tests.conftest import GLUE_DIR, REPO, find_run_dirs
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("fsdp")
+
 FSDP_CONFIG = REPO / "conf" / "accelerate" / "fsdp.yaml"
 # model conf -> (the layer class docs/scaling.md names for it, how many of them the model has)
 LARGE_MODELS = {"deberta-v3-large": ("DebertaV2Layer", 24), "gpt2-large": ("GPT2Block", 36),

@@ -23,6 +23,10 @@ from tests.conftest import COT_DIR, GLUE_DIR, find_run_dirs, run_cli
 from tests.hub_cache import folder_files, repo_folder, write_repo
 from tests.test_heads import tiny_path
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixture (the fake hub cache) is built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("hub_offline")
+
 HUB_MODELS = {"bert-base-uncased": "tiny-bert", "openai-community/gpt2-medium": "tiny-gpt2",
               "google/t5-v1_1-small": "tiny-t5"}
 

@@ -14,6 +14,10 @@ from omegaconf import OmegaConf
 from cmiexp.errors import ConfigError
 from tests.conftest import GLUE_DIR, compose_config
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("init_from")
+
 
 # ---------------------------------------------------------------------------------------------
 # Configs (compose only, no training)

@@ -16,6 +16,10 @@ from cmiexp.errors import ConfigError, DataError
 from cmiexp.objectives.kd import kd_loss
 from tests.conftest import GLUE_DIR, compose_config, run_cli
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("kd")
+
 # ---------------------------------------------------------------------------------------------
 # The loss (pure)
 # ---------------------------------------------------------------------------------------------

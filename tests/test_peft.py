@@ -205,7 +205,7 @@ def test_lora_checkpoints_hold_merged_weights(cache_dir, tmp_path):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["peft=rocoft", "peft.rank=0"], "peft.rank=0 must be a positive integer"),
+    (["peft=rocoft", "peft.rank=0"], "peft.rank=0 must be >= 1"),
     (["peft=rocoft", "peft.axis=diagonal"], "peft.axis='diagonal'; valid choices: row, column"),
     (["peft=lora", "peft.target_modules=[nothing_like_this]"], "matches no linear layer of the backbone"),
     (["peft=lora", "peft.name=adapters"], "unknown peft.name='adapters'; valid choices: none, lora, rocoft"),

@@ -18,6 +18,10 @@ from omegaconf import OmegaConf
 
 from tests.conftest import GLUE_DIR, REPO, compose_config, find_run_dirs, run_cli
 
+# All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
+# fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
+pytestmark = pytest.mark.xdist_group("run_records")
+
 SYNTH = ["task.num_train=96", "task.num_eval=48", "trainer.epochs=1", "trainer.progress_bar=false"]
 
 
@@ -223,7 +227,7 @@ def test_every_failure_leaves_a_record(env, tmp_path, case):
         args = ["task=glue/rte", f"task.data_dir={_bad_glue(tmp_path)}", "task.max_length=32",
                 "trainer.progress_bar=false"]
     elif case == "bug":  # not one of cmiexp's own errors: a value no check covers reaches float()
-        args = [*SYNTH, "task.label_noise=abc"]
+        args = [*SYNTH, "model.tiny.init_seed=abc"]
     else:  # a teacher folder holding only a pickle: refused, not loaded (nor silently random)
         args = [*SYNTH, "objective=kd", f"objective.teacher={_pickle_teacher(tmp_path)}"]
     proc = run_cli(args, e, check=False)
@@ -231,7 +235,7 @@ def test_every_failure_leaves_a_record(env, tmp_path, case):
     line = _error_line(proc)
     expect = {"config": "trainer.lr='abc' must be a finite number",
               "data": "train.tsv line 6: byte 0xff at column 11 is not valid UTF-8",
-              "bug": "ValueError: could not convert string to float: 'abc' (at synthetic.py:",
+              "bug": "ValueError: invalid literal for int() with base 10: 'abc' (at tiny.py:",
               "teacher": "holds only pickle weights (pytorch_model.bin); cmiexp loads safetensors weights only"}[case]
     assert expect in line
     (run_dir,) = find_run_dirs(out)
@@ -278,8 +282,21 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
     ("trainer.batch_size=2.5", "trainer.batch_size=2.5 must be an integer"),
     ("trainer.epochs=0", "trainer.epochs=0 must be >= 1"),
     ("trainer.save_best=maybe", "trainer.save_best='maybe' must be true or false"),
-    ("trainer.adam_betas=[0.9,1.5]", "trainer.adam_betas[1]=1.5 must be < 1"),
+    ("trainer.adam_betas=[0.9,1.5]", "trainer.adam_betas[1]=1.5 must be in [0, 1)"),
     ("trainer.checkpoint_retention=some", "trainer.checkpoint_retention='some'; valid choices: full, weights, none"),
+    ("trainer.collapse_share=0", "trainer.collapse_share=0 must be in (0, 1]"),
+    # task.* and peft.* numbers (cmiexp.checks), with the same rule and message format
+    ("task.max_length=0", "task.max_length=0 must be >= 1"),
+    ("task.max_train_samples=-5", "task.max_train_samples=-5 must be >= 1, or null (all rows)"),
+    ("task.max_eval_samples=2.5", "task.max_eval_samples=2.5 must be an integer, or null (all rows)"),
+    ("task.label_noise=1.5", "task.label_noise=1.5 must be in [0, 1]"),
+    ("task.num_classes=1", "task.num_classes=1 must be >= 2"),
+    (["task=glue/rte", "task.subsample_seed=-1"], "task.subsample_seed=-1 must be >= 0"),
+    (["task=cot/svamp", "task.valid_fraction=1.0"], "task.valid_fraction=1.0 must be in (0, 1)"),
+    (["task=cot/svamp", "task.max_target_length=0"], "task.max_target_length=0 must be >= 1"),
+    (["peft=lora", "peft.alpha=abc"], "peft.alpha='abc' must be a finite number"),
+    (["peft=lora", "peft.dropout=1.0"], "peft.dropout=1.0 must be in [0, 1)"),
+    (["peft=rocoft", "peft.rank=0"], "peft.rank=0 must be >= 1"),
 ])
 def test_config_types_and_ranges_are_checked_up_front(override, message):
     from cmiexp.errors import ConfigError
@@ -287,8 +304,21 @@ def test_config_types_and_ranges_are_checked_up_front(override, message):
 
     check_config(compose_config([]))  # the defaults pass
     with pytest.raises(ConfigError) as e:
-        check_config(compose_config([override]))
+        check_config(compose_config([override] if isinstance(override, str) else override))
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("group", ["task", "peft", "trainer"])
+def test_every_shipped_config_of_a_group_passes_its_checks(group):
+    """The shipped YAML defaults fit the ranges the checks enforce (a range that refuses a shipped
+    default would break every run of that config)."""
+    from cmiexp.config import CONF_DIR
+    from cmiexp.train.settings import check_config
+
+    names = sorted(p.relative_to(CONF_DIR / group).with_suffix("").as_posix() for p in (CONF_DIR / group).rglob("*.yaml"))
+    assert names
+    for name in names:
+        check_config(compose_config([f"{group}={name}"]))
 
 
 def test_checkpoint_retention_options(tmp_path):
@@ -357,3 +387,22 @@ def test_resume_check_covers_the_process_count(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunRefused, match=r"num_processes \(launcher\): 1 -> 2"):
         check_resume_compatible(tmp_path, run_config_record(cfg))
+
+
+def test_number_check_types_bounds_and_null():
+    from cmiexp.checks import Number, check_number
+    from cmiexp.errors import ConfigError
+
+    pos, frac = Number("int", 1), Number("float", 0, False, 1, True, nullable=True, null_means="off")
+    assert check_number("k", 3, pos) == 3 and check_number("k", 2.0, pos) == 2.0  # a whole float is an integer
+    assert check_number("f", None, frac) is None and check_number("f", 1, frac) == 1
+    for bad, text in [(True, "k=True must be an integer"), ("3", "k='3' must be an integer"),
+                      (2.5, "k=2.5 must be an integer"), (0, "k=0 must be >= 1"), (None, "k=null must be an integer")]:
+        with pytest.raises(ConfigError) as e:
+            check_number("k", bad, pos)
+        assert str(e.value) == text
+    for bad, text in [(float("inf"), "f=inf must be a finite number, or null (off)"),
+                      (0.0, "f=0.0 must be in (0, 1], or null (off)"), (1.5, "f=1.5 must be in (0, 1], or null (off)")]:
+        with pytest.raises(ConfigError) as e:
+            check_number("f", bad, frac)
+        assert str(e.value) == text

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cmiexp.cot.safe_eval import svamp_correct
+from cmiexp.checks import ALL_ROWS, TASK_SCHEMA, check_number
 from cmiexp.errors import ConfigError, DataError
 
 PREDICT_PREFIX = "predict: "
@@ -331,15 +332,6 @@ def _cfg_get(cfg, key: str, default=None):
     return default if value is None else value
 
 
-def _opt_positive_int(cfg, key: str) -> int | None:
-    value = _cfg_get(cfg, key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"task.{key} must be a positive integer or null, got {value!r}")
-    return value
-
-
 def _load_split(spec: _Spec, ds_dir: Path, split: str, nli_separator: str) -> list[dict]:
     row_path = ds_dir / f"{spec.name}_{split}.json"
     rows = read_rows(row_path)
@@ -386,14 +378,11 @@ def load_cot(task_cfg) -> CotData:
     label_source = _cfg_get(task_cfg, "label_source", "llm")
     if label_source not in LABEL_SOURCES:
         raise ConfigError(f"task.label_source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
-    valid_fraction = _cfg_get(task_cfg, "valid_fraction", 0.1)
-    if isinstance(valid_fraction, bool) or not isinstance(valid_fraction, (int, float)) or not 0 < valid_fraction < 1:
-        raise ConfigError(f"task.valid_fraction must be a number in (0, 1), got {valid_fraction!r}")
-    split_seed = _cfg_get(task_cfg, "split_seed", 0)
-    if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
-        raise ConfigError(f"task.split_seed must be a non-negative integer, got {split_seed!r}")
-    max_train = _opt_positive_int(task_cfg, "max_train_samples")
-    max_eval = _opt_positive_int(task_cfg, "max_eval_samples")
+    valid_fraction = check_number("task.valid_fraction", _cfg_get(task_cfg, "valid_fraction", 0.1),
+                                  TASK_SCHEMA["valid_fraction"])
+    split_seed = check_number("task.split_seed", _cfg_get(task_cfg, "split_seed", 0), TASK_SCHEMA["split_seed"])
+    max_train = check_number("task.max_train_samples", _cfg_get(task_cfg, "max_train_samples"), ALL_ROWS)
+    max_eval = check_number("task.max_eval_samples", _cfg_get(task_cfg, "max_eval_samples"), ALL_ROWS)
     require_train = bool(_cfg_get(task_cfg, "require_train", True))
     nli_separator = str(_cfg_get(task_cfg, "nli_separator", "</s>"))
     metric = str(_cfg_get(task_cfg, "metric", "accuracy"))

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from cmiexp.checks import ALL_ROWS, check_number
 from cmiexp.data.base import TaskData, not_utf8_error
 from cmiexp.errors import ConfigError, DataError
 
@@ -247,12 +248,7 @@ def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def positive_int_or_none(cfg: Any, key: str) -> int | None:
-    value = cfg_get(cfg, key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"task.{key} must be a positive integer or null (= all), got {value!r}")
-    return value
+    return check_number(f"task.{key}", cfg_get(cfg, key), ALL_ROWS)
 
 
 def get_task_info(dataset: str) -> GlueTaskInfo:

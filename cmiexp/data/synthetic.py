@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cmiexp.checks import check_task
 from cmiexp.data.base import TaskData
 from cmiexp.errors import ConfigError
 
@@ -69,17 +70,12 @@ def generate_synthetic(
     return {"train": make_split(num_train), "validation": make_split(num_eval), "test": make_split(num_test)}
 
 
-def _max_samples(task_cfg, key: str) -> int | None:
-    value = task_cfg.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"task.{key} must be a positive integer or null (= all), got {value!r}")
-    return value
-
-
 def load_synthetic(task_cfg) -> TaskData:
     import datasets
 
-    from cmiexp.data.glue import subsample
+    from cmiexp.data.glue import positive_int_or_none, subsample
+
+    check_task(task_cfg)  # generator sizes, noise and seeds, before anything is generated
 
     num_classes = int(task_cfg.num_classes)
     splits = generate_synthetic(
@@ -95,8 +91,8 @@ def load_synthetic(task_cfg) -> TaskData:
         raise ConfigError(f"task.data_dir={task_cfg.get('data_dir')!r}: task={task_cfg.name} is generated in memory "
                           "and reads no files; leave task.data_dir null or choose a task that reads files")
     seed = int(task_cfg.get("subsample_seed") or 0)
-    train = subsample(ds["train"], _max_samples(task_cfg, "max_train_samples"), seed)
-    dev = subsample(ds["validation"], _max_samples(task_cfg, "max_eval_samples"), seed)
+    train = subsample(ds["train"], positive_int_or_none(task_cfg, "max_train_samples"), seed)
+    dev = subsample(ds["validation"], positive_int_or_none(task_cfg, "max_eval_samples"), seed)
     return TaskData(
         name=task_cfg.name,
         train=train,

@@ -29,6 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from cmiexp.checks import PEFT_SCHEMA, check_number
 from cmiexp.errors import ConfigError
 
 PEFT_METHODS = ("none", "lora", "rocoft")
@@ -194,8 +195,7 @@ def apply_rocoft(model: nn.Module, rank: int = 3, axis: str = "column", targets=
         raise ConfigError(f"peft.head={head!r}; valid choices: {', '.join(ROCOFT_HEAD)}")
     if conv1d not in ROCOFT_CONV1D:
         raise ConfigError(f"peft.conv1d={conv1d!r}; valid choices: {', '.join(ROCOFT_CONV1D)}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"peft.rank={rank!r} must be a positive integer")
+    check_number("peft.rank", rank, PEFT_SCHEMA["rank"])
     prefix = backbone_prefix(model)
     linears = dict(backbone_linears(model))
     chosen = _select_targets(linears, targets)
@@ -276,10 +276,9 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
                targets="all-linear") -> nn.Module:
     import peft
 
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"peft.rank={rank!r} must be a positive integer")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ConfigError(f"peft.dropout={dropout!r} must be in [0, 1)")
+    check_number("peft.rank", rank, PEFT_SCHEMA["rank"])
+    check_number("peft.alpha", alpha, PEFT_SCHEMA["alpha"])
+    check_number("peft.dropout", dropout, PEFT_SCHEMA["dropout"])
     prefix = backbone_prefix(model)
     names = [n for n, _ in backbone_linears(model)]
     chosen = _select_targets(names, targets)

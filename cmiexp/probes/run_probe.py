@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cmiexp.checks import POSITIVE_INT, SEED, Number, check_number, check_settings
 from cmiexp.config import CONF_DIR
 from cmiexp.errors import CheckpointError, ConfigError, DataError
 from cmiexp.io import atomic_write_text
@@ -60,6 +61,15 @@ POOLING_CHOICES = ("mean", "cls", "last", "head")
 SETTINGS: tuple[str, ...] = tuple(k for k in OmegaConf.load(CONF_DIR / "objective" / "flownib.yaml")
                                   if k not in ("name", "probe"))
 COMPAT_CHOICES = ("ours", "reference")
+_FRACTION = Number("float", 0, False, 1, False)
+# Types and ranges of the probe's numeric settings (cmiexp.checks' one rule and message format).
+PROBE_SCHEMA: dict[str, Number] = {
+    "steps": POSITIVE_INT, "batch_size": Number("int", 2), "hidden": POSITIVE_INT, "record_every": POSITIVE_INT,
+    "select_every": POSITIVE_INT, "max_samples": Number("int", 4, nullable=True, null_means="the whole split"),
+    "subsample_seed": SEED, "heldout_fraction": _FRACTION, "test_fraction": _FRACTION,
+    "noise_std": Number("float", 0, nullable=True, null_means="no added noise"), "lr": Number("float", 0, False),
+    "delta": Number("float", 0), "tau": Number("float", 0, False), "weight_decay": Number("float", 0),
+}
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -75,37 +85,14 @@ def probe_settings(objective_cfg) -> dict[str, Any]:
     s = {k: raw[k] for k in SETTINGS}
     if s["pooling"] not in POOLING_CHOICES:
         raise ConfigError(f"objective.pooling={s['pooling']!r}; valid choices: {', '.join(POOLING_CHOICES)}")
-    for key in ("steps", "batch_size", "hidden", "record_every"):
-        try:
-            s[key] = int(s[key])
-        except (TypeError, ValueError):
-            raise ConfigError(f"objective.{key}={s[key]!r} must be a positive integer") from None
-        if s[key] < (2 if key == "batch_size" else 1):
-            raise ConfigError(f"objective.{key}={s[key]} must be >= {2 if key == 'batch_size' else 1}")
-    if s["max_samples"] is not None:
-        if int(s["max_samples"]) < 4:
-            raise ConfigError(f"objective.max_samples={s['max_samples']} must be >= 4 (or null for the whole split)")
-        s["max_samples"] = int(s["max_samples"])
-    for key in ("heldout_fraction", "test_fraction"):
-        if not 0.0 < float(s[key]) < 1.0:
-            raise ConfigError(f"objective.{key}={s[key]} must be in (0, 1)")
-    if float(s["heldout_fraction"]) + float(s["test_fraction"]) >= 1.0:
+    for key, spec in PROBE_SCHEMA.items():
+        value = check_number(f"objective.{key}", s[key], spec)
+        s[key] = value if value is None or spec.kind == "float" else int(value)
+    if s["heldout_fraction"] + s["test_fraction"] >= 1.0:
         raise ConfigError(f"objective.heldout_fraction + objective.test_fraction must be < 1, got "
                           f"{s['heldout_fraction']} + {s['test_fraction']}")
-    if s["noise_std"] is not None and not float(s["noise_std"]) >= 0:
-        raise ConfigError(f"objective.noise_std={s['noise_std']} must be >= 0 or null")
     if s["compat"] not in COMPAT_CHOICES:
         raise ConfigError(f"objective.compat={s['compat']!r}; valid choices: {', '.join(COMPAT_CHOICES)}")
-    try:
-        s["select_every"] = int(s["select_every"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"objective.select_every={s['select_every']!r} must be a positive integer") from None
-    if s["select_every"] < 1:
-        raise ConfigError(f"objective.select_every={s['select_every']} must be >= 1")
-    if not (float(s["lr"]) > 0 and math.isfinite(float(s["lr"]))):
-        raise ConfigError(f"objective.lr={s['lr']} must be a positive number")
-    if float(s["delta"]) < 0:
-        raise ConfigError(f"objective.delta={s['delta']} must be >= 0")
     compare = s["compare"]
     if compare is None:
         compare = []
@@ -435,6 +422,7 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None 
     if has_own_adapter(cfg.task.get("loader")):  # tasks with their own adapter (cot: generation)
         raise ConfigError(f"objective=flownib probes classification and regression tasks; task={cfg.task.name} "
                           "is not one")
+    check_settings(cfg)
     s = probe_settings(cfg.objective)
     source = resolve_source(s["source"], cfg)
     compare = load_compare_entries(s["compare"])  # checked before the expensive part

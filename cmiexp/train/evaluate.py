@@ -71,12 +71,7 @@ def evaluate(model, loaders: dict, accelerator, task, input_keys: set[str]) -> d
     return out
 
 
-#: Default for trainer.collapse_share: a dev split on which at least this fraction of the predictions
-#: falls into one class counts as collapsed (a majority-class predictor).
-COLLAPSE_SHARE = 0.95
-
-
-def collapse_check(metrics: dict | None, label_names, share: float = COLLAPSE_SHARE) -> dict | None:
+def collapse_check(metrics: dict | None, label_names, share: float) -> dict | None:
     """Whether the predictions behind ``metrics`` (a dev evaluation with ``pred_counts``) are (nearly)
     all one class, or for a generation task (``top_prediction_share``) (nearly) all the same output
     text. None when the metrics hold neither (regression)."""
@@ -96,7 +91,7 @@ def collapse_check(metrics: dict | None, label_names, share: float = COLLAPSE_SH
             "majority_share": counts[top] / total, "histogram": dict(zip(names, counts))}
 
 
-def collapse_fields(best: dict | None, final: dict | None, label_names, share: float = COLLAPSE_SHARE) -> dict:
+def collapse_fields(best: dict | None, final: dict | None, label_names, share: float) -> dict:
     """results.json fields: ``collapsed`` (the best or the final dev predictions are one class),
     ``collapsed_at`` (which of the two) and the ``predicted_class_histogram`` of each."""
     checks = {k: c for k, c in (("best", collapse_check(best, label_names, share)),

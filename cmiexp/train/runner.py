@@ -437,9 +437,9 @@ class Run:
     def check_collapse(self) -> None:
         """Flag a classifier whose dev predictions are (nearly) all one class, on the console and
         in results.json: its metric is the majority-class rate, not a learned result."""
-        from cmiexp.train.evaluate import COLLAPSE_SHARE, collapse_fields
+        from cmiexp.train.evaluate import collapse_fields
 
-        share = float(self.cfg.trainer.get("collapse_share") or COLLAPSE_SHARE)
+        share = float(self.cfg.trainer.collapse_share)
         fields = collapse_fields(self.state.best_metrics, self.last_metrics, getattr(self.task, "label_names", None),
                                  share)
         self.results.update(fields)

@@ -3,49 +3,30 @@ anything runs so a bad value names its key (``trainer.lr=abc``) instead of faili
 
 from __future__ import annotations
 
-import math
-
 from omegaconf import DictConfig, OmegaConf
 
+from cmiexp.checks import POSITIVE_INT, SEED, Number, check_group, check_number, check_settings
 from cmiexp.errors import ConfigError
 
-# Types and ranges of the loop's settings, checked before anything runs so a bad value names its
-# key (``trainer.lr=abc``) instead of failing deep inside torch. (kind, lower bound, lower bound
-# inclusive, nullable); "int" refuses 2.5 and "abc", "float" refuses "abc", nan and inf.
+# In cmiexp.checks' one format (kind, low, low inclusive, high, high inclusive, nullable): "int"
+# refuses 2.5 and "abc", "float" refuses "abc", nan and inf.
 TRAINER_SCHEMA = {
-    "epochs": ("int", 1, True, False), "max_steps": ("int", None, True, False),
-    "batch_size": ("int", 1, True, False), "eval_batch_size": ("int", 1, True, False),
-    "grad_accum": ("int", 1, True, False), "lr": ("float", 0, False, False),
-    "weight_decay": ("float", 0, True, False), "adam_eps": ("float", 0, False, False),
-    "warmup_ratio": ("float", 0, True, False), "warmup_steps": ("int", 0, True, False),
-    "max_grad_norm": ("float", 0, True, True), "eval_train_samples": ("int", 1, True, False),
-    "num_workers": ("int", 0, True, False), "log_every": ("int", 1, True, False),
-    "stop_after_steps": ("int", 1, True, True),
+    "epochs": POSITIVE_INT, "max_steps": Number("int", None), "batch_size": POSITIVE_INT,
+    "eval_batch_size": POSITIVE_INT, "grad_accum": POSITIVE_INT, "lr": Number("float", 0, False),
+    "weight_decay": Number("float", 0), "adam_eps": Number("float", 0, False), "warmup_ratio": Number("float", 0),
+    "warmup_steps": Number("int", 0), "max_grad_norm": Number("float", 0, nullable=True),
+    "eval_train_samples": POSITIVE_INT, "num_workers": Number("int", 0), "log_every": POSITIVE_INT,
+    "stop_after_steps": Number("int", 1, nullable=True),
+    "collapse_share": Number("float", 0, False, 1, True),
 }
 BOOL_KEYS = ("eval_on_train", "save_best", "progress_bar", "cpu", "group_by_length")
 RETENTION_CHOICES = ("full", "weights", "none")
 
 
-def _check_number(key: str, value, kind: str, low, low_inclusive: bool, nullable: bool) -> None:
-    if value is None:
-        if nullable:
-            return
-        raise ConfigError(f"{key}=null must be a{'n integer' if kind == 'int' else ' number'}")
-    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        kind == "int" and isinstance(value, float) and not value.is_integer())
-    if bad_type or not math.isfinite(float(value)):
-        want = "an integer" if kind == "int" else "a finite number"
-        raise ConfigError(f"{key}={value!r} must be {want}")
-    if low is not None and (value < low or (value == low and not low_inclusive)):
-        raise ConfigError(f"{key}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
-
-
 def check_config(cfg: DictConfig) -> None:
     """ConfigError naming the key for a trainer value of the wrong type or range (or a bad choice)."""
     t = cfg.trainer
-    for key, spec in TRAINER_SCHEMA.items():
-        if key in t:
-            _check_number(f"trainer.{key}", t[key], *spec)
+    check_group(t, "trainer", TRAINER_SCHEMA)
     for key in BOOL_KEYS:
         if key in t and not isinstance(t[key], bool):
             raise ConfigError(f"trainer.{key}={t[key]!r} must be true or false")
@@ -53,20 +34,12 @@ def check_config(cfg: DictConfig) -> None:
     if not (OmegaConf.is_list(betas) and len(betas) == 2):
         raise ConfigError(f"trainer.adam_betas={betas!r} must be a pair [beta1, beta2]")
     for i, b in enumerate(betas):
-        _check_number(f"trainer.adam_betas[{i}]", b, "float", 0, True, False)
-        if b >= 1:
-            raise ConfigError(f"trainer.adam_betas[{i}]={b!r} must be < 1")
-    _check_number("seed", cfg.get("seed"), "int", 0, True, False)
+        check_number(f"trainer.adam_betas[{i}]", b, Number("float", 0, True, 1, False))
+    check_number("seed", cfg.get("seed"), SEED)
+    check_settings(cfg)
     retention = t.checkpoint_retention
     if retention not in RETENTION_CHOICES:
         raise ConfigError(f"trainer.checkpoint_retention={retention!r}; valid choices: {', '.join(RETENTION_CHOICES)}")
-    share = t.get("collapse_share")
-    try:
-        share_ok = share is None or 0.0 < float(share) <= 1.0
-    except (TypeError, ValueError):
-        share_ok = False
-    if not share_ok:
-        raise ConfigError(f"trainer.collapse_share={share!r} must be a fraction in (0, 1]")
     if str(t.pin_memory) not in ("auto", "True", "False", "true", "false"):
         raise ConfigError(f"trainer.pin_memory={t.pin_memory!r}; valid choices: auto, true, false")
     if t.scheduler not in ("linear", "cosine", "constant"):

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from cmiexp.checks import POSITIVE_INT, check_number
 from cmiexp.errors import ConfigError, DataError
 
 log = logging.getLogger("cmiexp")
@@ -103,12 +104,11 @@ def answer_log_prob(token_logprobs: torch.Tensor, tokens: torch.Tensor, eos_toke
 # ---------------------------------------------------------------------------------------------
 
 
-def _positive_int(cfg, key: str, default: int) -> int:
-    value = cfg.get(key, default)
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"task.{key}={value!r} must be a positive integer")
-    return value
+def _length(task_cfg, key: str) -> int:
+    """A CoT length setting; conf/task/cot/*.yaml is its one home (no default here)."""
+    if key not in task_cfg:
+        raise ConfigError(f"task.{key} is not set (conf/task/cot/*.yaml sets it for every chain-of-thought task)")
+    return check_number(f"task.{key}", task_cfg[key], POSITIVE_INT)
 
 
 class CotAdapter:
@@ -140,9 +140,9 @@ class CotAdapter:
                 log.info("objective=%s trains on %s labels (task.label_source=%s is overridden)",
                          cfg.objective.name, self.spec.label_source, task_cfg.get("label_source"))
             task_cfg = OmegaConf.merge(task_cfg, {"label_source": self.spec.label_source})
-        self.max_input = _positive_int(cfg.task, "max_input_length", 1024)
-        self.max_target = _positive_int(cfg.task, "max_target_length", 256)
-        self.gen_len = _positive_int(cfg.task, "generation_max_length", 64)
+        self.max_input = _length(cfg.task, "max_input_length")
+        self.max_target = _length(cfg.task, "max_target_length")
+        self.gen_len = _length(cfg.task, "generation_max_length")
         cache_dir = default_cache_dir(cfg.paths)
         with acc.main_process_first():  # rank 0 builds the tiny model (if any) first
             task = load_task(task_cfg)

@@ -1,0 +1,105 @@
+"""Types and ranges of the numeric settings a run reads (``task.*``, ``peft.*``; ``trainer.*`` in
+``cmiexp.train.settings``), with one rule and one message format for all of them.
+
+They are checked before anything runs, so a bad value names its key (``task.max_length=0 must be
+>= 1``) instead of failing deep inside a tokenizer or torch, or, worse, running: a zero truncation
+length used to train on empty inputs. The YAML under ``conf/`` is the one home of every default;
+these tables hold types and bounds only, and a key a config does not have is not checked (each
+task loader has its own keys).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cmiexp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Number:
+    """An int or a finite float, optionally bounded; ``null_means`` (nullable settings) says what
+    null selects, for the message."""
+
+    kind: str  # "int" (refuses 2.5, "3", true) or "float" (refuses "abc", nan, inf, true)
+    low: float | None = None
+    low_inclusive: bool = True
+    high: float | None = None
+    high_inclusive: bool = True
+    nullable: bool = False
+    null_means: str = ""
+
+
+def _range_text(spec: Number) -> str:
+    if spec.high is None:
+        return f"{'>=' if spec.low_inclusive else '>'} {spec.low}"
+    left = "[" if spec.low_inclusive else "("
+    right = "]" if spec.high_inclusive else ")"
+    return f"in {left}{spec.low}, {spec.high}{right}"
+
+
+def check_number(key: str, value: Any, spec: Number) -> Any:
+    """``value`` unchanged when it fits ``spec``; a ConfigError naming ``key`` otherwise."""
+    want = "an integer" if spec.kind == "int" else "a finite number"
+    or_null = f", or null ({spec.null_means})" if spec.nullable and spec.null_means else ""
+    if value is None:
+        if spec.nullable:
+            return None
+        raise ConfigError(f"{key}=null must be {want}")
+    bad_type = isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        spec.kind == "int" and isinstance(value, float) and not value.is_integer())
+    if bad_type or not math.isfinite(float(value)):
+        raise ConfigError(f"{key}={value!r} must be {want}{or_null}")
+    low, high = spec.low, spec.high
+    if (low is not None and (value < low or (value == low and not spec.low_inclusive))) or (
+            high is not None and (value > high or (value == high and not spec.high_inclusive))):
+        raise ConfigError(f"{key}={value!r} must be {_range_text(spec)}{or_null}")
+    return value
+
+
+def check_group(group: Mapping | None, prefix: str, schema: Mapping[str, Number]) -> None:
+    """Check every key of ``schema`` that ``group`` (a config node such as ``cfg.task``) holds."""
+    if group is None:
+        return
+    for key, spec in schema.items():
+        if key in group:
+            check_number(f"{prefix}.{key}", group[key], spec)
+
+
+POSITIVE_INT = Number("int", 1)
+SEED = Number("int", 0)
+ALL_ROWS = Number("int", 1, nullable=True, null_means="all rows")
+
+# Keys of conf/task/**: the common ones first, then those of particular loaders.
+TASK_SCHEMA: dict[str, Number] = {
+    "max_length": POSITIVE_INT, "max_train_samples": ALL_ROWS, "max_eval_samples": ALL_ROWS,
+    "subsample_seed": SEED,
+    # chain-of-thought tasks (data/cot.py, train/adapters/cot.py)
+    "max_input_length": POSITIVE_INT, "max_target_length": POSITIVE_INT, "generation_max_length": POSITIVE_INT,
+    "valid_fraction": Number("float", 0, False, 1, False), "split_seed": SEED,
+    # hub tasks without a validation split (data/hub_tasks.py)
+    "validation_fraction": Number("float", 0, False, 1, False),
+    # the generated default task (data/synthetic.py)
+    "num_train": POSITIVE_INT, "num_eval": POSITIVE_INT, "num_test": POSITIVE_INT,
+    "num_classes": Number("int", 2), "label_noise": Number("float", 0, True, 1, True), "generator_seed": SEED,
+}
+# Keys of conf/peft/*.yaml (LoRA, RoCoFT).
+PEFT_SCHEMA: dict[str, Number] = {
+    "rank": POSITIVE_INT, "alpha": Number("float", 0, False), "dropout": Number("float", 0, True, 1, False),
+}
+
+
+def check_task(task: Mapping | None) -> None:
+    check_group(task, "task", TASK_SCHEMA)
+
+
+def check_settings(cfg: Mapping) -> None:
+    """The ``task.*`` and ``peft.*`` numbers of a composed run config (the training loop's own
+    ``trainer.*`` are checked by ``cmiexp.train.settings.check_config``, which calls this)."""
+    check_task(cfg.get("task"))
+    check_group(cfg.get("peft"), "peft", PEFT_SCHEMA)
+
+
+__all__ = ["ALL_ROWS", "Number", "PEFT_SCHEMA", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "check_group", "check_number",
+           "check_settings", "check_task"]
