@@ -25,6 +25,11 @@ def test_collapse_check_on_hand_made_histograms():
     assert f["collapsed"] is True and f["collapsed_at"] == ["final"]
     assert f["predicted_class_histogram"] == {"best": {"a": 10, "b": 10}, "final": {"a": 0, "b": 20}}
     assert collapse_fields(None, {"loss": 1.0}, None, 0.95) == {}
+    from cmiexp.runs import collapse_text
+
+    assert collapse_text({"collapsed": True, **f}) == ("the final dev predictions are (nearly) all one class or one "
+                                                        "output (a: 0, b: 20)")
+    assert collapse_text({"collapsed": False}) is None and collapse_text({}) is None
 
 
 def test_generation_collapse_is_one_output_text_for_nearly_every_row():
@@ -66,12 +71,20 @@ def test_a_collapsed_run_says_so_and_the_report_marks_it(cmiexp_env, output_dir)
     assert hist["best"] == dict(zip(["entailment", "not_entailment"], res["best"]["metrics"]["pred_counts"]))
     # Its accuracy is the dev share of the predicted class, and the console says what happened.
     assert "COLLAPSED" in proc.stdout and "trainer.lr (now 2e-05)" in proc.stdout
+    # One wording everywhere: the console warning, the end-of-run summary and the report note.
+    from cmiexp.runs import collapse_text
+
+    text = collapse_text(res)
+    assert text.startswith(f"the {' and '.join(res['collapsed_at'])} dev predictions are (nearly) all one class or "
+                           "one output (") and text.endswith(")")
+    assert f"COLLAPSED: {text}; the model has not learned" in proc.stdout + proc.stderr
+    assert f"COLLAPSED: {text}\n" in proc.stdout + proc.stderr
     report = subprocess.run([sys.executable, "-m", "cmiexp.report", str(output_dir / "runs")], env=env,
                             capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     row = next(line for line in report.stdout.splitlines() if line.startswith("| tiny-bert / ce |"))
     assert "(n=1, 1 collapsed)" in row
-    assert "tiny-bert / ce, RTE, seed 1: collapsed, the dev predictions are (nearly) all one class" in report.stdout
+    assert f"tiny-bert / ce, RTE, seed 1: collapsed, {text}" in report.stdout
 
 
 def test_collapse_share_is_checked_before_training(tmp_path, cache_dir):

@@ -17,7 +17,7 @@ import yaml
 
 from cmiexp.errors import DataError
 from cmiexp.report.specs import one_line, opt_int, opt_str
-from cmiexp.runs import RESULTS, SCHEMA, STATUSES, ResultsUnreadable, load_results, read_run_config
+from cmiexp.runs import RESULTS, SCHEMA, STATUSES, ResultsUnreadable, collapse_text, load_results, read_run_config
 from cmiexp.runs.identity import flatten
 
 # The splits a report can show: ``dev`` (best.metrics / final.metrics, the split that selects the
@@ -232,7 +232,7 @@ def _read_results(path: Path, root: Path) -> RunRecord:
         final=data.get("final") if isinstance(data.get("final"), dict) else None,
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
         collapsed=data.get("collapsed") is True,
-        collapse_note=_collapse_note(data),
+        collapse_note=collapse_text(data),
         settings=run_settings(path.parent, overrides if isinstance(overrides, list) else ()),
         test=_numbers(data.get("test")),
         teacher=teacher,
@@ -262,14 +262,6 @@ def run_settings(run_dir: Path, overrides: Iterable[str]) -> dict:
 def override_key(o: str) -> str:
     """The dotted key of an override as typed (``+a.b=1`` -> ``a.b``)."""
     return o.lstrip("+~").split("=", 1)[0].strip()
-
-
-def _collapse_note(data: dict) -> str | None:
-    if data.get("collapsed") is not True:
-        return None
-    at = data.get("collapsed_at") or []
-    hist = (data.get("predicted_class_histogram") or {}).get(at[0] if at else "best")
-    return f"{' and '.join(map(str, at)) or 'dev'} predictions: {hist}" if hist else None
 
 
 def _read_missing(run_dir: Path, root: Path) -> RunRecord | None:

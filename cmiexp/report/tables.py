@@ -414,8 +414,8 @@ def build_table(
                 if r.collapsed:
                     # Counted in the mean (it is a result), but marked: it is the majority-class rate.
                     cell.collapsed += 1
-                    collapsed_notes.append(f"{label}, {col.header}, seed {r.seed}: collapsed, the dev predictions "
-                                           f"are (nearly) all one class or one output ({r.collapse_note or 'see results.json'})")
+                    collapsed_notes.append(f"{label}, {col.header}, seed {r.seed}: collapsed, "
+                                           f"{r.collapse_note or 'see results.json'}")
         elif r.status in ("failed", "corrupt"):
             cell.failed += 1
             problems.append(Problem(r.status, label, col.header, r.seed, r.display_path, r.error or "no error message"))

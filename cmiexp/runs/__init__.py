@@ -23,13 +23,13 @@ from cmiexp.runs.logs import CURVES, EVAL_LOG, TRAIN_LOG, read_curve
 from cmiexp.errors import RunRefused
 from cmiexp.runs.records import (RUN_CONFIG, append_index, check_resume_compatible,
                                  read_run_config, run_config_record, write_hydra_files, write_run_config)
-from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, ResultsUnreadable, load_results,
+from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, ResultsUnreadable, collapse_text, load_results,
                                  read_results, record_failure, results_path, write_results)
 
 __all__ = [
     "IDENTITY_EXCLUDED_KEYS", "config_hash", "diff_configs", "identity_config", "run_id_resolver",
     "CURVES", "EVAL_LOG", "TRAIN_LOG", "read_curve", "RunLock", "RunLocked", "holding", "is_rank_zero", "RUN_CONFIG", "RunRefused", "append_index", "check_resume_compatible",
     "read_run_config", "run_config_record", "write_hydra_files", "write_run_config",
-    "ERROR_FILE", "RESULTS", "SCHEMA", "STATUSES", "ResultsUnreadable", "load_results", "read_results",
+    "ERROR_FILE", "RESULTS", "SCHEMA", "STATUSES", "ResultsUnreadable", "collapse_text", "load_results", "read_results",
     "record_failure", "results_path", "write_results",
 ]

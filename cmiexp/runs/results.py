@@ -56,6 +56,18 @@ def read_results(run_dir: str | Path) -> dict | None:
         return None
 
 
+def collapse_text(results: dict) -> str | None:
+    """What a collapsed run's results.json says, in the one wording the console warning, the
+    end-of-run summary and cmiexp-report share: ``the best and final dev predictions are (nearly)
+    all one class or one output (a: 0, b: 32)``; None for a run that did not collapse."""
+    if results.get("collapsed") is not True:
+        return None
+    at = [str(a) for a in results.get("collapsed_at") or []]
+    hist = (results.get("predicted_class_histogram") or {}).get(at[0] if at else "best")
+    counts = f" ({', '.join(f'{k}: {v}' for k, v in hist.items())})" if isinstance(hist, dict) and hist else ""
+    return f"the {' and '.join(at) or 'dev'} dev predictions are (nearly) all one class or one output{counts}"
+
+
 def write_results(run_dir: str | Path, results: dict) -> None:
     if results.get("status") not in STATUSES:
         raise ValueError(f"results.json status must be one of {STATUSES}, not {results.get('status')!r}")

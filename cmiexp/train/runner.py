@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from cmiexp.errors import ConfigError, TrainingDiverged
 from cmiexp.io import append_jsonl, atomic_write_text
 from cmiexp.metrics import is_improvement
-from cmiexp.runs import (SCHEMA, RunLock, check_resume_compatible, holding, is_rank_zero, read_results,
-                         run_config_record, write_results, write_run_config)
+from cmiexp.runs import (SCHEMA, RunLock, check_resume_compatible, collapse_text, holding, is_rank_zero,
+                         read_results, run_config_record, write_results, write_run_config)
 from cmiexp.runs.logs import EVAL_LOG, TRAIN_LOG
 from cmiexp.train.adapters import make_adapter
 from cmiexp.train.checkpoint import (
@@ -444,11 +444,8 @@ class Run:
                                  share)
         self.results.update(fields)
         if fields.get("collapsed") and self.accelerator.is_main_process:
-            which = " and ".join(fields["collapsed_at"])
-            hist = fields["predicted_class_histogram"][fields["collapsed_at"][0]]
-            log.warning("COLLAPSED: the %s dev predictions are (nearly) all one class or one output (%s); the model has not "
-                        "learned task=%s: check trainer.lr (now %g), train longer or on more data", which,
-                        ", ".join(f"{k}: {v}" for k, v in hist.items()), self.task.name, float(self.cfg.trainer.lr))
+            log.warning("COLLAPSED: %s; the model has not learned task=%s: check trainer.lr (now %g), train longer or "
+                        "on more data", collapse_text(fields), self.task.name, float(self.cfg.trainer.lr))
 
     def write_results(self) -> None:
         if self.accelerator.is_main_process:

@@ -12,6 +12,8 @@ import io
 import math
 import shlex
 
+from cmiexp.runs.results import collapse_text
+
 # Per-class counts and sizes are not metrics (they are in results.json).
 _SKIP = {"num_samples", "pred_counts"}
 
@@ -64,11 +66,8 @@ def footer_lines(results: dict) -> list[str]:
         lines.append(f"train time {format_metric(float(results['wall_time_s']))} s"
                      + (f", {format_metric(float(sps))} samples/s" if sps else "")
                      + (f", peak memory {results['peak_memory_mb']:.0f} MB" if results.get("peak_memory_mb") else ""))
-    if results.get("collapsed"):
-        hist = results.get("predicted_class_histogram") or {}
-        at = (results.get("collapsed_at") or ["best"])[0]
-        lines.append(f"COLLAPSED: the {' and '.join(results.get('collapsed_at') or [])} dev predictions are "
-                     f"(nearly) one class: {hist.get(at)}")
+    if collapse_text(results):
+        lines.append(f"COLLAPSED: {collapse_text(results)}")
     lines.append(f"run dir: {results.get('run_dir')}")
     sync = wandb_sync_command(results)
     if sync:
