@@ -1,5 +1,5 @@
-"""Types and ranges of the numeric settings a run reads (``task.*``, ``peft.*``; ``trainer.*`` in
-``cmiexp.train.settings``), with one rule and one message format for all of them.
+"""Types and ranges of the numeric settings a run reads (``task.*``, ``model.*``, ``head.*``,
+``peft.*``; ``trainer.*`` in ``cmiexp.train.settings``), with one rule and one message format for all of them.
 
 They are checked before anything runs, so a bad value names its key (``task.max_length=0 must be
 >= 1``) instead of failing deep inside a tokenizer or torch, or, worse, running: a zero truncation
@@ -84,6 +84,16 @@ TASK_SCHEMA: dict[str, Number] = {
     "num_train": POSITIVE_INT, "num_eval": POSITIVE_INT, "num_test": POSITIVE_INT,
     "num_classes": Number("int", 2), "label_noise": Number("float", 0, True, 1, True), "generator_seed": SEED,
 }
+# Keys of conf/model/*.yaml (model.tiny.* is the offline tiny models' own spec, read by models/tiny.py).
+MODEL_SCHEMA: dict[str, Number] = {
+    "lr": Number("float", 0, False),
+    "dropout": Number("float", 0, True, 1, False, nullable=True, null_means="keep the architecture's"),
+}
+# Keys of conf/head/*.yaml (masking, generation; pooling has none).
+HEAD_SCHEMA: dict[str, Number] = {
+    "hidden_size": Number("int", 1, nullable=True, null_means="the backbone's hidden size"),
+    "dropout": Number("float", 0, True, 1, False),
+}
 # Keys of conf/peft/*.yaml (LoRA, RoCoFT).
 PEFT_SCHEMA: dict[str, Number] = {
     "rank": POSITIVE_INT, "alpha": Number("float", 0, False), "dropout": Number("float", 0, True, 1, False),
@@ -95,11 +105,14 @@ def check_task(task: Mapping | None) -> None:
 
 
 def check_settings(cfg: Mapping) -> None:
-    """The ``task.*`` and ``peft.*`` numbers of a composed run config (the training loop's own
-    ``trainer.*`` are checked by ``cmiexp.train.settings.check_config``, which calls this)."""
+    """The ``task.*``, ``model.*``, ``head.*`` and ``peft.*`` numbers of a composed run config (the
+    training loop's own ``trainer.*`` are checked by ``cmiexp.train.settings.check_config``, which
+    calls this)."""
     check_task(cfg.get("task"))
+    check_group(cfg.get("model"), "model", MODEL_SCHEMA)
+    check_group(cfg.get("head"), "head", HEAD_SCHEMA)
     check_group(cfg.get("peft"), "peft", PEFT_SCHEMA)
 
 
-__all__ = ["ALL_ROWS", "Number", "PEFT_SCHEMA", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "check_group", "check_number",
+__all__ = ["ALL_ROWS", "HEAD_SCHEMA", "MODEL_SCHEMA", "Number", "PEFT_SCHEMA", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "check_group", "check_number",
            "check_settings", "check_task"]

@@ -297,6 +297,10 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
     (["peft=lora", "peft.alpha=abc"], "peft.alpha='abc' must be a finite number"),
     (["peft=lora", "peft.dropout=1.0"], "peft.dropout=1.0 must be in [0, 1)"),
     (["peft=rocoft", "peft.rank=0"], "peft.rank=0 must be >= 1"),
+    ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1), or null (keep the architecture's)"),
+    ("model.lr=-1e-3", "trainer.lr=-0.001 must be > 0"),  # trainer.lr is ${model.lr}: named where it is used
+    (["head=masking", "head.hidden_size=0"], "head.hidden_size=0 must be >= 1, or null (the backbone's hidden size)"),
+    (["head=generation", "head.dropout=abc"], "head.dropout='abc' must be a finite number"),
 ])
 def test_config_types_and_ranges_are_checked_up_front(override, message):
     from cmiexp.errors import ConfigError
@@ -308,7 +312,7 @@ def test_config_types_and_ranges_are_checked_up_front(override, message):
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("group", ["task", "peft", "trainer"])
+@pytest.mark.parametrize("group", ["task", "model", "head", "peft", "trainer"])
 def test_every_shipped_config_of_a_group_passes_its_checks(group):
     """The shipped YAML defaults fit the ranges the checks enforce (a range that refuses a shipped
     default would break every run of that config)."""

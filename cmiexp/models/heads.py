@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cmiexp.checks import HEAD_SCHEMA, check_number
 from cmiexp.errors import CheckpointError, ConfigError, DataError
 
 HEADS = ("pooling", "masking", "generation")
@@ -195,8 +196,7 @@ class PromptHeadClassifier(nn.Module):
             raise ConfigError(f"PromptHeadClassifier kind={kind!r}; valid: masking, generation")
         if kind == "masking" and mask_token_id is None:
             raise ConfigError("head=masking needs the tokenizer's mask token id")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ConfigError(f"head.dropout={dropout!r} must be in [0, 1)")
+        check_number("head.dropout", dropout, HEAD_SCHEMA["dropout"])
         self.backbone = backbone
         hidden = _hidden_size(backbone.config)
         self.head = MLPHead(hidden, int(head_hidden_size or hidden), int(num_labels), float(dropout))
