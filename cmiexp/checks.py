@@ -40,7 +40,8 @@ def _range_text(spec: Number) -> str:
 
 
 def check_number(key: str, value: Any, spec: Number) -> Any:
-    """``value`` unchanged when it fits ``spec``; a ConfigError naming ``key`` otherwise."""
+    """``value`` when it fits ``spec`` (an int for an "int" setting, so a whole ``2.0`` comes back as
+    ``2``), None for an allowed null; a ConfigError naming ``key`` otherwise."""
     want = "an integer" if spec.kind == "int" else "a finite number"
     or_null = f", or null ({spec.null_means})" if spec.nullable and spec.null_means else ""
     if value is None:
@@ -55,7 +56,7 @@ def check_number(key: str, value: Any, spec: Number) -> Any:
     if (low is not None and (value < low or (value == low and not spec.low_inclusive))) or (
             high is not None and (value > high or (value == high and not spec.high_inclusive))):
         raise ConfigError(f"{key}={value!r} must be {_range_text(spec)}{or_null}")
-    return value
+    return int(value) if spec.kind == "int" else value
 
 
 def check_group(group: Mapping | None, prefix: str, schema: Mapping[str, Number]) -> None:
@@ -114,5 +115,5 @@ def check_settings(cfg: Mapping) -> None:
     check_group(cfg.get("peft"), "peft", PEFT_SCHEMA)
 
 
-__all__ = ["ALL_ROWS", "HEAD_SCHEMA", "MODEL_SCHEMA", "Number", "PEFT_SCHEMA", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "check_group", "check_number",
-           "check_settings", "check_task"]
+__all__ = ["ALL_ROWS", "HEAD_SCHEMA", "MODEL_SCHEMA", "Number", "PEFT_SCHEMA", "POSITIVE_INT", "SEED", "TASK_SCHEMA",
+           "check_group", "check_number", "check_settings", "check_task"]

@@ -398,7 +398,9 @@ def test_number_check_types_bounds_and_null():
     from cmiexp.errors import ConfigError
 
     pos, frac = Number("int", 1), Number("float", 0, False, 1, True, nullable=True, null_means="off")
-    assert check_number("k", 3, pos) == 3 and check_number("k", 2.0, pos) == 2.0  # a whole float is an integer
+    assert check_number("k", 3, pos) == 3
+    whole = check_number("k", 2.0, pos)  # a whole float is an integer, and comes back as one
+    assert whole == 2 and type(whole) is int
     assert check_number("f", None, frac) is None and check_number("f", 1, frac) == 1
     for bad, text in [(True, "k=True must be an integer"), ("3", "k='3' must be an integer"),
                       (2.5, "k=2.5 must be an integer"), (0, "k=0 must be >= 1"), (None, "k=null must be an integer")]:

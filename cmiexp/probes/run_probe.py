@@ -86,8 +86,7 @@ def probe_settings(objective_cfg) -> dict[str, Any]:
     if s["pooling"] not in POOLING_CHOICES:
         raise ConfigError(f"objective.pooling={s['pooling']!r}; valid choices: {', '.join(POOLING_CHOICES)}")
     for key, spec in PROBE_SCHEMA.items():
-        value = check_number(f"objective.{key}", s[key], spec)
-        s[key] = value if value is None or spec.kind == "float" else int(value)
+        s[key] = check_number(f"objective.{key}", s[key], spec)
     if s["heldout_fraction"] + s["test_fraction"] >= 1.0:
         raise ConfigError(f"objective.heldout_fraction + objective.test_fraction must be < 1, got "
                           f"{s['heldout_fraction']} + {s['test_fraction']}")

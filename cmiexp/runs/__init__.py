@@ -23,8 +23,8 @@ from cmiexp.runs.logs import CURVES, EVAL_LOG, TRAIN_LOG, read_curve
 from cmiexp.errors import RunRefused
 from cmiexp.runs.records import (RUN_CONFIG, append_index, check_resume_compatible,
                                  read_run_config, run_config_record, write_hydra_files, write_run_config)
-from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, ResultsUnreadable, collapse_text, load_results,
-                                 read_results, record_failure, results_path, write_results)
+from cmiexp.runs.results import (ERROR_FILE, RESULTS, SCHEMA, STATUSES, ResultsUnreadable, collapse_text,
+                                 load_results, read_results, record_failure, results_path, write_results)
 
 __all__ = [
     "IDENTITY_EXCLUDED_KEYS", "config_hash", "diff_configs", "identity_config", "run_id_resolver",

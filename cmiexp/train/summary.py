@@ -12,7 +12,7 @@ import io
 import math
 import shlex
 
-from cmiexp.runs.results import collapse_text
+from cmiexp.runs import collapse_text
 
 # Per-class counts and sizes are not metrics (they are in results.json).
 _SKIP = {"num_samples", "pred_counts"}
