@@ -9,9 +9,20 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 
+def teacher_tag(*, _root_) -> str:
+    """``${cmiexp_teacher_tag:}``: empty unless the run is a KD student. Only a KD student imports
+    the teacher machinery (and with it torch), so ``cmiexp --help`` and ``--cfg`` of every other
+    run start in about a second instead of paying for torch and transformers."""
+    objective = _root_.get("objective") or {}
+    if objective.get("name") != "kd":
+        return ""
+    from cmiexp.objectives.kd.teacher import teacher_tag_resolver
+
+    return teacher_tag_resolver(_root_=_root_)
+
+
 def register_resolvers() -> None:
     """Register ``${cmiexp_run_id:}`` and ``${cmiexp_teacher_tag:}`` (idempotent)."""
-    from cmiexp.objectives.kd.teacher import teacher_tag_resolver
     from cmiexp.runs.identity import run_id_resolver
 
     # ${cmiexp_run_id:} in hydra.run.dir: the hash of the job's resolved training config.
@@ -19,7 +30,7 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("cmiexp_run_id", run_id_resolver)
     # ${cmiexp_teacher_tag:} after it: "-from-<teacher objective>-<hash8>" for a KD student, "" otherwise.
     if not OmegaConf.has_resolver("cmiexp_teacher_tag"):
-        OmegaConf.register_new_resolver("cmiexp_teacher_tag", teacher_tag_resolver)
+        OmegaConf.register_new_resolver("cmiexp_teacher_tag", teacher_tag)
 
 
-__all__ = ["register_resolvers"]
+__all__ = ["register_resolvers", "teacher_tag"]

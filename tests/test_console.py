@@ -7,12 +7,14 @@ import json
 import logging
 import re
 import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import find_run_dirs, run_cli
+from tests.conftest import REPO, find_run_dirs, run_cli
 
 ANSI = re.compile(r"\x1b\[")
 LOG_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\]\[(INFO|WARNING|ERROR)\] (.*)$")
@@ -260,6 +262,21 @@ def test_help_info_cfg_from_a_read_only_folder(cmiexp_env, tmp_path):
     # nothing written where the command was typed (as root, chmod does not stop writes: check it)
     assert not list(ro.iterdir())
     assert not list(Path(cmiexp_env["CMIEXP_OUTPUT_DIR"]).iterdir())
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job", "task=glue/rte"],
+                                  ["--cfg", "hydra", "--resolve", "task=glue/rte", "seed=3"]])
+def test_help_and_cfg_do_not_import_torch_or_transformers(cmiexp_env, args):
+    """Printing the help or a composed config (run directory resolved) needs no deep-learning library:
+    they are imported by the job that uses them (a KD student's run directory still imports its teacher's)."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['cmiexp', *{args!r}]\n"
+            "try:\n    runpy.run_module('cmiexp', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('loaded:', sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], env=cmiexp_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "loaded: []", proc.stdout[-500:]
 
 
 def test_progress_bar_with_live_loss_on_a_terminal(cmiexp_env, output_dir):
