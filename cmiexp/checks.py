@@ -79,8 +79,9 @@ TASK_SCHEMA: dict[str, Number] = {
     # chain-of-thought tasks (data/cot.py, train/adapters/cot.py)
     "max_input_length": POSITIVE_INT, "max_target_length": POSITIVE_INT, "generation_max_length": POSITIVE_INT,
     "valid_fraction": Number("float", 0, False, 1, False), "split_seed": SEED,
-    # hub tasks without a validation split (data/hub_tasks.py)
-    "validation_fraction": Number("float", 0, False, 1, False),
+    # hub tasks whose source may lack a validation split (data/hub_tasks.py): null carves none, and
+    # such a source is then refused by the loader with a line asking for a fraction
+    "validation_fraction": Number("float", 0, False, 1, False, nullable=True, null_means="carve no validation split"),
     # the generated default task (data/synthetic.py)
     "num_train": POSITIVE_INT, "num_eval": POSITIVE_INT, "num_test": POSITIVE_INT,
     "num_classes": Number("int", 2), "label_noise": Number("float", 0, True, 1, True), "generator_seed": SEED,

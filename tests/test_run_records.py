@@ -293,6 +293,8 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
     ("task.num_classes=1", "task.num_classes=1 must be >= 2"),
     (["task=glue/rte", "task.subsample_seed=-1"], "task.subsample_seed=-1 must be >= 0"),
     (["task=cot/svamp", "task.valid_fraction=1.0"], "task.valid_fraction=1.0 must be in (0, 1)"),
+    (["task=cls/boolq", "task.validation_fraction=0"],
+     "task.validation_fraction=0 must be in (0, 1), or null (carve no validation split)"),
     (["task=cot/svamp", "task.max_target_length=0"], "task.max_target_length=0 must be >= 1"),
     (["peft=lora", "peft.alpha=abc"], "peft.alpha='abc' must be a finite number"),
     (["peft=lora", "peft.dropout=1.0"], "peft.dropout=1.0 must be in [0, 1)"),

@@ -66,8 +66,9 @@ def footer_lines(results: dict) -> list[str]:
         lines.append(f"train time {format_metric(float(results['wall_time_s']))} s"
                      + (f", {format_metric(float(sps))} samples/s" if sps else "")
                      + (f", peak memory {results['peak_memory_mb']:.0f} MB" if results.get("peak_memory_mb") else ""))
-    if collapse_text(results):
-        lines.append(f"COLLAPSED: {collapse_text(results)}")
+    collapsed = collapse_text(results)
+    if collapsed:
+        lines.append(f"COLLAPSED: {collapsed}")
     lines.append(f"run dir: {results.get('run_dir')}")
     sync = wandb_sync_command(results)
     if sync:
