@@ -59,6 +59,29 @@ def check_number(key: str, value: Any, spec: Number) -> Any:
     return int(value) if spec.kind == "int" else value
 
 
+def optional_setting(node: Any, key: str) -> Any:
+    """``node[key]`` of a config node, a mapping or an attribute object; None when it has no such
+    key (for the keys whose null means "the dataset's own" or "all rows")."""
+    if node is None:
+        return None
+    if isinstance(node, Mapping) or hasattr(node, "keys"):
+        return node[key] if key in node else None
+    return getattr(node, key, None)
+
+
+def setting(node: Any, key: str, prefix: str) -> Any:
+    """``node[key]`` (may be null); a ConfigError naming ``prefix.key`` when the node has no such key.
+
+    The YAML under ``conf/`` is the one home of every default: code does not carry a second copy
+    that a hand-written config would silently fall back to."""
+    present = node is not None and (
+        key in node if isinstance(node, Mapping) or hasattr(node, "keys") else hasattr(node, key))
+    if not present:
+        raise ConfigError(f"{prefix}.{key} is not set: add it to your {prefix} config "
+                          f"(every shipped config under conf/{prefix}/ that reads it sets it)")
+    return optional_setting(node, key)
+
+
 def check_group(group: Mapping | None, prefix: str, schema: Mapping[str, Number]) -> None:
     """Check every key of ``schema`` that ``group`` (a config node such as ``cfg.task``) holds."""
     if group is None:
@@ -68,9 +91,15 @@ def check_group(group: Mapping | None, prefix: str, schema: Mapping[str, Number]
             check_number(f"{prefix}.{key}", group[key], spec)
 
 
+# The bounds most settings share, named once so that the same kind of setting has the same rule.
 POSITIVE_INT = Number("int", 1)
-SEED = Number("int", 0)
+NON_NEGATIVE_INT = Number("int", 0)
+SEED = NON_NEGATIVE_INT
 ALL_ROWS = Number("int", 1, nullable=True, null_means="all rows")
+POSITIVE = Number("float", 0, False)        # learning rates, scales, temperatures
+NON_NEGATIVE = Number("float", 0)           # weight decay, loss weights
+FRACTION = Number("float", 0, False, 1, False)  # a share of the rows: (0, 1)
+BELOW_ONE = Number("float", 0, True, 1, False)  # [0, 1): dropout probabilities, Adam's betas
 
 # Keys of conf/task/**: the common ones first, then those of particular loaders.
 TASK_SCHEMA: dict[str, Number] = {
@@ -78,27 +107,35 @@ TASK_SCHEMA: dict[str, Number] = {
     "subsample_seed": SEED,
     # chain-of-thought tasks (data/cot.py, train/adapters/cot.py)
     "max_input_length": POSITIVE_INT, "max_target_length": POSITIVE_INT, "generation_max_length": POSITIVE_INT,
-    "valid_fraction": Number("float", 0, False, 1, False), "split_seed": SEED,
+    "valid_fraction": FRACTION, "split_seed": SEED,
     # hub tasks whose source may lack a validation split (data/hub_tasks.py): null carves none, and
     # such a source is then refused by the loader with a line asking for a fraction
-    "validation_fraction": Number("float", 0, False, 1, False, nullable=True, null_means="carve no validation split"),
+    "validation_fraction": Number(
+        "float", 0, False, 1, False, nullable=True, null_means="carve no validation split"),
     # the generated default task (data/synthetic.py)
     "num_train": POSITIVE_INT, "num_eval": POSITIVE_INT, "num_test": POSITIVE_INT,
     "num_classes": Number("int", 2), "label_noise": Number("float", 0, True, 1, True), "generator_seed": SEED,
 }
-# Keys of conf/model/*.yaml (model.tiny.* is the offline tiny models' own spec, read by models/tiny.py).
+# Keys of conf/model/*.yaml.
 MODEL_SCHEMA: dict[str, Number] = {
-    "lr": Number("float", 0, False),
+    "lr": POSITIVE,
     "dropout": Number("float", 0, True, 1, False, nullable=True, null_means="keep the architecture's"),
+}
+# Keys of model.tiny (the offline tiny models' spec, read by models/tiny.py). That the heads divide the
+# hidden size is left to transformers, whose error names both numbers.
+TINY_SCHEMA: dict[str, Number] = {
+    "vocab_size": POSITIVE_INT, "hidden_size": POSITIVE_INT, "num_layers": POSITIVE_INT,
+    "num_heads": POSITIVE_INT, "intermediate_size": POSITIVE_INT, "max_position_embeddings": POSITIVE_INT,
+    "init_seed": SEED,
 }
 # Keys of conf/head/*.yaml (masking, generation; pooling has none).
 HEAD_SCHEMA: dict[str, Number] = {
     "hidden_size": Number("int", 1, nullable=True, null_means="the backbone's hidden size"),
-    "dropout": Number("float", 0, True, 1, False),
+    "dropout": BELOW_ONE,
 }
 # Keys of conf/peft/*.yaml (LoRA, RoCoFT).
 PEFT_SCHEMA: dict[str, Number] = {
-    "rank": POSITIVE_INT, "alpha": Number("float", 0, False), "dropout": Number("float", 0, True, 1, False),
+    "rank": POSITIVE_INT, "alpha": POSITIVE, "dropout": BELOW_ONE,
 }
 
 
@@ -111,10 +148,14 @@ def check_settings(cfg: Mapping) -> None:
     training loop's own ``trainer.*`` are checked by ``cmiexp.train.settings.check_config``, which
     calls this)."""
     check_task(cfg.get("task"))
-    check_group(cfg.get("model"), "model", MODEL_SCHEMA)
+    model = cfg.get("model")
+    check_group(model, "model", MODEL_SCHEMA)
+    if model is not None:
+        check_group(model.get("tiny"), "model.tiny", TINY_SCHEMA)
     check_group(cfg.get("head"), "head", HEAD_SCHEMA)
     check_group(cfg.get("peft"), "peft", PEFT_SCHEMA)
 
 
-__all__ = ["ALL_ROWS", "HEAD_SCHEMA", "MODEL_SCHEMA", "Number", "PEFT_SCHEMA", "POSITIVE_INT", "SEED", "TASK_SCHEMA",
-           "check_group", "check_number", "check_settings", "check_task"]
+__all__ = ["ALL_ROWS", "BELOW_ONE", "FRACTION", "HEAD_SCHEMA", "MODEL_SCHEMA", "NON_NEGATIVE", "NON_NEGATIVE_INT", "Number",
+           "PEFT_SCHEMA", "POSITIVE", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "TINY_SCHEMA", "check_group", "check_number",
+           "check_settings", "check_task", "optional_setting", "setting"]

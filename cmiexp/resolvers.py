@@ -16,9 +16,9 @@ def teacher_tag(*, _root_) -> str:
     objective = _root_.get("objective") or {}
     if objective.get("name") != "kd":
         return ""
-    from cmiexp.objectives.kd.teacher import teacher_tag_resolver
+    from cmiexp.objectives.kd.teacher import student_teacher_tag
 
-    return teacher_tag_resolver(_root_=_root_)
+    return student_teacher_tag(_root_)
 
 
 def register_resolvers() -> None:

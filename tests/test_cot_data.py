@@ -23,6 +23,24 @@ COT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cot"
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "task" / "cot"
 
 
+def load_shipped(keys: dict):
+    """``load_cot`` of the shipped ``conf/task/cot/<dataset>.yaml`` with ``keys`` on top: the YAML is
+    the one home of the loader's defaults, so a test names only what it changes."""
+    shipped = CONF_DIR / f"{keys['dataset']}.yaml"
+    return load_cot(OmegaConf.merge(OmegaConf.load(shipped), keys) if shipped.is_file() else keys)
+
+
+def test_a_key_the_dataset_reads_and_the_config_lacks_is_named():
+    # No second copy of the YAML defaults in code: a hand-written config without them is refused.
+    with pytest.raises(ConfigError, match=r"^task\.label_source is not set: add it to your task config"):
+        load_cot({"dataset": "svamp", "data_dir": str(COT_DIR)})
+    base = {"dataset": "cqa", "data_dir": str(COT_DIR), "label_source": "llm", "metric": "accuracy"}
+    with pytest.raises(ConfigError, match=r"^task\.valid_fraction is not set"):
+        load_cot(base)  # cqa carves valid from train
+    with pytest.raises(ConfigError, match=r"^task\.require_train is not set"):
+        load_cot(dict(base, dataset="anli1"))  # anli1 has a valid file; no carve keys needed
+
+
 def _row_with_idx(ds, idx: int) -> dict:
     idxs = ds["idx"][:]
     return ds[idxs.index(idx)]
@@ -30,17 +48,17 @@ def _row_with_idx(ds, idx: int) -> dict:
 
 @pytest.fixture(scope="module")
 def svamp():
-    return load_cot({"dataset": "svamp", "data_dir": str(COT_DIR)})
+    return load_shipped({"dataset": "svamp", "data_dir": str(COT_DIR)})
 
 
 @pytest.fixture(scope="module")
 def cqa():
-    return load_cot({"dataset": "cqa", "data_dir": str(COT_DIR)})
+    return load_shipped({"dataset": "cqa", "data_dir": str(COT_DIR)})
 
 
 @pytest.fixture(scope="module")
 def anli():
-    return load_cot({"dataset": "anli1", "data_dir": str(COT_DIR), "require_train": False})
+    return load_shipped({"dataset": "anli1", "data_dir": str(COT_DIR), "require_train": False})
 
 
 # --- counts and the valid carve ----------------------------------------------------------------
@@ -121,7 +139,7 @@ def test_anli_known_row(anli):
 
 
 def test_nli_separator_is_configurable():
-    data = load_cot(
+    data = load_shipped(
         {"dataset": "anli1", "data_dir": str(COT_DIR), "require_train": False, "nli_separator": "\n", "max_eval_samples": 3}
     )
     assert data.valid[0]["input"].endswith(".\nForm and meaning are the only aspects of language linguistics is concerned with.")
@@ -183,14 +201,14 @@ def test_rationales_are_cut_and_nonempty(svamp, cqa, anli):
 
 def test_label_source(svamp):
     assert list(svamp.train["target"][:]) == list(svamp.train["llm_label"][:])
-    gold = load_cot({"dataset": "svamp", "data_dir": str(COT_DIR), "label_source": "gold"})
+    gold = load_shipped({"dataset": "svamp", "data_dir": str(COT_DIR), "label_source": "gold"})
     assert list(gold.train["target"][:]) == list(gold.train["label"][:])
     assert list(gold.train["idx"][:]) == list(svamp.train["idx"][:])  # same carve whatever the source
     assert list(gold.valid["target"][:]) == list(gold.valid["label"][:])
 
 
 def test_sample_limits():
-    data = load_cot({"dataset": "svamp", "data_dir": str(COT_DIR), "max_train_samples": 5, "max_eval_samples": 7})
+    data = load_shipped({"dataset": "svamp", "data_dir": str(COT_DIR), "max_train_samples": 5, "max_eval_samples": 7})
     assert (len(data.train), len(data.valid), len(data.test)) == (5, 7, 7)
     perm = np.random.default_rng(0).permutation(800)
     assert list(data.train["idx"][:]) == perm[80:85].tolist()
@@ -275,7 +293,7 @@ def _one_line_error(excinfo) -> str:
 
 def test_synthetic_esnli_loads(tmp_path):
     _esnli_folder(tmp_path)
-    data = load_cot({"dataset": "esnli", "data_dir": str(tmp_path), "nli_separator": " | "})
+    data = load_shipped({"dataset": "esnli", "data_dir": str(tmp_path), "nli_separator": " | "})
     assert (len(data.train), len(data.valid), len(data.test)) == (4, 4, 4)
     row = data.valid[2]
     assert row == {
@@ -291,14 +309,14 @@ def test_synthetic_esnli_loads(tmp_path):
 
 def test_error_data_dir_null():
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "svamp", "data_dir": None})
+        load_shipped({"dataset": "svamp", "data_dir": None})
     msg = _one_line_error(ei)
     assert "task.data_dir" in msg and "datasets.zip" in msg
 
 
 def test_error_missing_dataset_folder(tmp_path):
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "cqa", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "cqa", "data_dir": str(tmp_path)})
     assert str(tmp_path / "cqa") in _one_line_error(ei)
 
 
@@ -306,7 +324,7 @@ def test_error_missing_row_file(tmp_path):
     ds = _esnli_folder(tmp_path)
     (ds / "esnli_test.json").unlink()
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     msg = _one_line_error(ei)
     assert str(ds / "esnli_test.json") in msg and "llm" in msg  # names the path and the layout
 
@@ -315,16 +333,16 @@ def test_error_missing_train_and_require_train(tmp_path):
     ds = _esnli_folder(tmp_path)
     (ds / "esnli_train.json").unlink()
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     msg = _one_line_error(ei)
     assert "esnli_train.json" in msg and "task.require_train=false" in msg
-    data = load_cot({"dataset": "esnli", "data_dir": str(tmp_path), "require_train": False})
+    data = load_shipped({"dataset": "esnli", "data_dir": str(tmp_path), "require_train": False})
     assert data.train is None and len(data.valid) == 4
 
 
 def test_error_anli1_without_train_file():
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "anli1", "data_dir": str(COT_DIR)})
+        load_shipped({"dataset": "anli1", "data_dir": str(COT_DIR)})
     msg = _one_line_error(ei)
     assert "anli1_train.json" in msg and "require_train" in msg
 
@@ -334,7 +352,7 @@ def test_error_missing_llm_files(tmp_path):
     for p in (ds / "llm").glob("valid_CoT_*.json"):
         p.unlink()
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     assert str(ds / "llm" / "valid_CoT_0.json") in _one_line_error(ei)
 
 
@@ -342,7 +360,7 @@ def test_error_gap_in_llm_batches(tmp_path):
     ds = _esnli_folder(tmp_path)
     (ds / "llm" / "test_CoT_1.json").rename(ds / "llm" / "test_CoT_2.json")
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     assert "test_CoT_1.json" in _one_line_error(ei)
 
 
@@ -350,7 +368,7 @@ def test_error_length_mismatch(tmp_path):
     ds = _esnli_folder(tmp_path)
     _write_json(ds / "llm" / "train_CoT_1.json", ["Only one.\nAnswer: neutral"])
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     msg = _one_line_error(ei)
     assert "esnli_train.json" in msg and "train_CoT_0.json" in msg and "train_CoT_1.json" in msg
     assert "4 rows" in msg and "3 teacher outputs" in msg
@@ -361,7 +379,7 @@ def test_error_bad_json_line(tmp_path):
     with open(ds / "esnli_valid.json", "a", encoding="utf-8") as f:
         f.write("{not json\n")
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     assert f"{ds / 'esnli_valid.json'}:5" in _one_line_error(ei)
 
 
@@ -369,7 +387,7 @@ def test_error_llm_file_not_array_of_strings(tmp_path):
     ds = _esnli_folder(tmp_path)
     _write_json(ds / "llm" / "test_CoT_0.json", {"0": "x"})
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     assert "test_CoT_0.json" in _one_line_error(ei)
 
 
@@ -377,11 +395,11 @@ def test_error_bad_row_fields(tmp_path):
     ds = _esnli_folder(tmp_path)
     _write_jsonl(ds / "esnli_test.json", [{"premise": "p", "hypothesis": "h", "label": 5}] * 4)
     with pytest.raises(DataError) as ei:
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
     assert "esnli_test.json:1" in _one_line_error(ei) and "label" in str(ei.value)
     _write_jsonl(ds / "esnli_test.json", [{"premise": "p", "label": 0}] * 4)
     with pytest.raises(DataError, match="hypothesis"):
-        load_cot({"dataset": "esnli", "data_dir": str(tmp_path)})
+        load_shipped({"dataset": "esnli", "data_dir": str(tmp_path)})
 
 
 @pytest.mark.parametrize(
@@ -400,5 +418,5 @@ def test_error_bad_row_fields(tmp_path):
 def test_config_errors(override, key):
     cfg = {"dataset": "svamp", "data_dir": str(COT_DIR), **override}
     with pytest.raises(ConfigError) as ei:
-        load_cot(cfg)
+        load_shipped(cfg)
     assert key in _one_line_error(ei)

@@ -236,7 +236,10 @@ def test_attribute_access_config_works():
     ns = SimpleNamespace(
         name="glue/wnli", dataset="wnli", data_dir=str(GLUE_DIR), hub_path="nyu-mll/glue",
         max_train_samples=5, max_eval_samples=None, primary_metric="accuracy",
-    )  # no subsample_seed: defaults to 0
+    )
+    with pytest.raises(ConfigError, match=r"^task\.subsample_seed is not set"):
+        load_glue(ns)  # the YAML is the one home of its default: not silently 0
+    ns.subsample_seed = 0
     td = load_glue(ns)
     assert len(td.train) == 5 and len(td.eval_splits["validation"]) == 71
     assert col(td.train, "idx") == col(load_glue(cfg("wnli", max_train_samples=5, subsample_seed=0)).train, "idx")

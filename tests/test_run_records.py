@@ -226,8 +226,8 @@ def test_every_failure_leaves_a_record(env, tmp_path, case):
     elif case == "data":
         args = ["task=glue/rte", f"task.data_dir={_bad_glue(tmp_path)}", "task.max_length=32",
                 "trainer.progress_bar=false"]
-    elif case == "bug":  # not one of cmiexp's own errors: a value no check covers reaches float()
-        args = [*SYNTH, "model.tiny.init_seed=abc"]
+    elif case == "bug":  # not one of cmiexp's own errors: transformers refuses heads that do not divide the width
+        args = [*SYNTH, "model.tiny.num_heads=3"]
     else:  # a teacher folder holding only a pickle: refused, not loaded (nor silently random)
         args = [*SYNTH, "objective=kd", f"objective.teacher={_pickle_teacher(tmp_path)}"]
     proc = run_cli(args, e, check=False)
@@ -235,7 +235,7 @@ def test_every_failure_leaves_a_record(env, tmp_path, case):
     line = _error_line(proc)
     expect = {"config": "trainer.lr='abc' must be a finite number",
               "data": "train.tsv line 6: byte 0xff at column 11 is not valid UTF-8",
-              "bug": "ValueError: invalid literal for int() with base 10: 'abc' (at tiny.py:",
+              "bug": "ValueError: The hidden size (128) is not a multiple of the number of attention heads (3) (at",
               "teacher": "holds only pickle weights (pytorch_model.bin); cmiexp loads safetensors weights only"}[case]
     assert expect in line
     (run_dir,) = find_run_dirs(out)
@@ -300,6 +300,9 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
     (["peft=lora", "peft.dropout=1.0"], "peft.dropout=1.0 must be in [0, 1)"),
     (["peft=rocoft", "peft.rank=0"], "peft.rank=0 must be >= 1"),
     ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1), or null (keep the architecture's)"),
+    # the offline tiny models' own spec (model.tiny.*)
+    ("model.tiny.init_seed=abc", "model.tiny.init_seed='abc' must be an integer"),
+    ("model.tiny.num_layers=0", "model.tiny.num_layers=0 must be >= 1"),
     ("model.lr=-1e-3", "trainer.lr=-0.001 must be > 0"),  # trainer.lr is ${model.lr}: named where it is used
     (["head=masking", "head.hidden_size=0"], "head.hidden_size=0 must be >= 1, or null (the backbone's hidden size)"),
     (["head=generation", "head.dropout=abc"], "head.dropout='abc' must be a finite number"),

@@ -152,17 +152,31 @@ def config_keys(conf: Path) -> set[str]:
     return keys
 
 
+def _key_and_default(node: ast.Call):
+    """(key, default) of a config read with a fallback: ``x.get("key", d)``, or a getter helper
+    ``getattr(x, "key", d)`` / ``cfg_get(x, "key", d)`` (any function whose name ends in "get")."""
+    func = node.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    if name == "get" and isinstance(func, ast.Attribute) and len(node.args) == 2:
+        key, default = node.args
+    elif name != "get" and (name.endswith("get") or name == "getattr") and len(node.args) == 3:
+        _, key, default = node.args
+    else:
+        return None
+    return (key, default) if isinstance(key, ast.Constant) and isinstance(key.value, str) else None
+
+
 def defaults_in_code(package: Path, keys: set[str]) -> list[str]:
-    """``x.get("<config key>", <value>)`` calls with a value other than None: a second copy of a
-    default that the YAML already sets (or a default the YAML should set)."""
+    """Config reads with a fallback value other than None: a second copy of a default that the YAML
+    already sets (or a default the YAML should set)."""
     root = package.parent
     found = []
     for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                    and len(node.args) == 2 and isinstance(node.args[0], ast.Constant)):
+            pair = _key_and_default(node) if isinstance(node, ast.Call) else None
+            if pair is None:
                 continue
-            key, default = node.args
+            key, default = pair
             if key.value in keys and not (isinstance(default, ast.Constant) and default.value is None):
                 found.append(f"{path.relative_to(root).as_posix()}: {ast.unparse(node)}")
     return found
@@ -177,6 +191,9 @@ NOT_CONFIG_READS = {
     "cmiexp/runs/provision.py: c.get('trainer', {})",  # a provisioned run's spec file
     "cmiexp/runs/records.py: old.get('num_processes', procs_new)",  # a recorded run config
     "cmiexp/train/init_from.py: (run_cfg.get('peft') or {}).get('name', 'none')",  # a source run's config
+    "cmiexp/train/init_from.py: getattr(model, 'name_or_path', '')",  # a loaded model's attribute
+    "cmiexp/train/distributed.py: getattr(plugin, 'fsdp_version', 1)",  # Accelerate's FSDP plugin
+    "cmiexp/train/distributed.py: getattr(plugin.state_dict_type, 'name', str(plugin.state_dict_type))",
 }
 
 
@@ -190,8 +207,11 @@ def test_the_default_check_sees_a_default(tmp_path):
     pkg = tmp_path / "cmiexp"
     pkg.mkdir()
     (pkg / "a.py").write_text("def f(cfg):\n    return cfg.task.get('max_length', 128), cfg.get('other', 1), "
-                              "cfg.get('max_length')\n")
-    assert defaults_in_code(pkg, {"max_length"}) == ["cmiexp/a.py: cfg.task.get('max_length', 128)"]
+                              "cfg.get('max_length'), _cfg_get(cfg, 'max_length', 64), getattr(cfg, 'max_length', 32), "
+                              "getattr(cfg, 'max_length', None)\n")
+    assert defaults_in_code(pkg, {"max_length"}) == [
+        "cmiexp/a.py: cfg.task.get('max_length', 128)", "cmiexp/a.py: _cfg_get(cfg, 'max_length', 64)",
+        "cmiexp/a.py: getattr(cfg, 'max_length', 32)"]
 
 
 def test_a_failed_sweep_job_survives_pickling():

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cmiexp.cot.safe_eval import svamp_correct
-from cmiexp.checks import ALL_ROWS, TASK_SCHEMA, check_number
+from cmiexp.checks import ALL_ROWS, TASK_SCHEMA, check_number, optional_setting, setting
 from cmiexp.errors import ConfigError, DataError
 
 PREDICT_PREFIX = "predict: "
@@ -130,6 +130,7 @@ class _Spec:
     marker: str
     parse_label: Callable[[str], str]
     answer_type: str  # "equation" (value match) or "text" (exact match)
+    pair: bool = False  # the input joins a premise and a hypothesis with task.nli_separator
 
     @property
     def has_valid(self) -> bool:
@@ -140,9 +141,9 @@ _SPECS = {
     "svamp": _Spec("svamp", ("train", "test"), re.compile(r"\n\s*Q:"), "The answer is", _label_equation, "equation"),
     "cqa": _Spec("cqa", ("train", "test"), re.compile(r"\n\s*Q:"), "So the answer is", _label_choice, "text"),
     "anli1": _Spec(
-        "anli1", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "So the answer is", _label_word, "text"
+        "anli1", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "So the answer is", _label_word, "text", pair=True
     ),
-    "esnli": _Spec("esnli", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "Answer:", _label_word, "text"),
+    "esnli": _Spec("esnli", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "Answer:", _label_word, "text", pair=True),
 }
 DATASETS = tuple(_SPECS)
 
@@ -176,7 +177,7 @@ def _field(row: dict, key: str, where: str) -> Any:
     return row[key]
 
 
-def format_input(dataset: str, row: dict, nli_separator: str = "</s>", where: str = "row") -> str:
+def format_input(dataset: str, row: dict, nli_separator: str, where: str = "row") -> str:
     """The model input of one source row, without task prefix (templates in the module doc)."""
     _spec(dataset)
     if dataset == "svamp":
@@ -325,13 +326,6 @@ class CotData:
             yield from self.train[col][:]
 
 
-def _cfg_get(cfg, key: str, default=None):
-    if cfg is None:
-        return default
-    value = cfg.get(key, default)
-    return default if value is None else value
-
-
 def _load_split(spec: _Spec, ds_dir: Path, split: str, nli_separator: str) -> list[dict]:
     row_path = ds_dir / f"{spec.name}_{split}.json"
     rows = read_rows(row_path)
@@ -362,34 +356,37 @@ def _load_split(spec: _Spec, ds_dir: Path, split: str, nli_separator: str) -> li
 def load_cot(task_cfg) -> CotData:
     """Load a CoT-distillation task from ``task.data_dir`` (see the module doc for keys and layout).
 
-    Config keys: ``dataset`` (svamp/cqa/anli1/esnli), ``data_dir``, ``label_source``
-    (gold/llm, default llm), ``valid_fraction`` (0.1) and ``split_seed`` (0) for carving valid
-    from train, ``max_train_samples`` / ``max_eval_samples`` (first N rows of train / of valid
-    and test), ``require_train`` (true), ``nli_separator`` ("</s>"), ``name``, ``metric``.
+    Config keys (their defaults live in ``conf/task/cot/<dataset>.yaml``; a key the dataset reads
+    and the config lacks is a ConfigError): ``dataset`` (svamp/cqa/anli1/esnli), ``data_dir``,
+    ``label_source`` (gold/llm), ``metric``, ``max_train_samples`` / ``max_eval_samples`` (first N
+    rows of train / of valid and test), optional ``name``; ``valid_fraction`` and ``split_seed``
+    for the datasets that carve valid from train (svamp, cqa); ``require_train`` for those with a
+    valid file (anli1, esnli); ``nli_separator`` for the premise/hypothesis pairs (anli1, esnli).
     """
     from datasets import Dataset
 
-    dataset = _cfg_get(task_cfg, "dataset")
+    dataset = optional_setting(task_cfg, "dataset")
     if dataset is None:
         raise ConfigError(f"task.dataset is required; choose one of {', '.join(DATASETS)}")
     spec = _spec(str(dataset))
-    name = str(_cfg_get(task_cfg, "name", f"cot/{spec.name}"))
+    name = str(optional_setting(task_cfg, "name") or f"cot/{spec.name}")
 
-    label_source = _cfg_get(task_cfg, "label_source", "llm")
+    label_source = setting(task_cfg, "label_source", "task")
     if label_source not in LABEL_SOURCES:
         raise ConfigError(f"task.label_source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
-    valid_fraction = check_number("task.valid_fraction", _cfg_get(task_cfg, "valid_fraction", 0.1),
-                                  TASK_SCHEMA["valid_fraction"])
-    split_seed = check_number("task.split_seed", _cfg_get(task_cfg, "split_seed", 0), TASK_SCHEMA["split_seed"])
-    max_train = check_number("task.max_train_samples", _cfg_get(task_cfg, "max_train_samples"), ALL_ROWS)
-    max_eval = check_number("task.max_eval_samples", _cfg_get(task_cfg, "max_eval_samples"), ALL_ROWS)
-    require_train = bool(_cfg_get(task_cfg, "require_train", True))
-    nli_separator = str(_cfg_get(task_cfg, "nli_separator", "</s>"))
-    metric = str(_cfg_get(task_cfg, "metric", "accuracy"))
+    if not spec.has_valid:  # valid is carved from train: train is always needed
+        valid_fraction = check_number("task.valid_fraction", setting(task_cfg, "valid_fraction", "task"),
+                                      TASK_SCHEMA["valid_fraction"])
+        split_seed = check_number("task.split_seed", setting(task_cfg, "split_seed", "task"), TASK_SCHEMA["split_seed"])
+    require_train = bool(setting(task_cfg, "require_train", "task")) if spec.has_valid else True
+    nli_separator = str(setting(task_cfg, "nli_separator", "task")) if spec.pair else ""
+    max_train = check_number("task.max_train_samples", optional_setting(task_cfg, "max_train_samples"), ALL_ROWS)
+    max_eval = check_number("task.max_eval_samples", optional_setting(task_cfg, "max_eval_samples"), ALL_ROWS)
+    metric = str(setting(task_cfg, "metric", "task"))
     if metric != "accuracy":
         raise ConfigError(f"task.metric={metric!r} is not supported for CoT tasks; use accuracy")
 
-    data_dir = _cfg_get(task_cfg, "data_dir")
+    data_dir = optional_setting(task_cfg, "data_dir")
     if data_dir is None:
         raise DataError(f"task.data_dir is not set: {DSS_DOWNLOAD} (layout: {LAYOUT})")
     ds_dir = Path(str(data_dir)).expanduser() / spec.name

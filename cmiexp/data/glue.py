@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from cmiexp.checks import ALL_ROWS, check_number
+from cmiexp.checks import ALL_ROWS, SEED, check_number, optional_setting, setting
 from cmiexp.data.base import TaskData, not_utf8_error
 from cmiexp.errors import ConfigError, DataError
 
@@ -236,19 +236,8 @@ GLUE_TASKS: dict[str, GlueTaskInfo] = {
 # --------------------------------------------------------------------------- config access
 
 
-def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from an OmegaConf node, a mapping or any attribute-access object."""
-    getter = getattr(cfg, "get", None)
-    if callable(getter):
-        try:
-            return getter(key, default)
-        except Exception:  # noqa: BLE001 - fall back to attribute access below
-            pass
-    return getattr(cfg, key, default)
-
-
 def positive_int_or_none(cfg: Any, key: str) -> int | None:
-    return check_number(f"task.{key}", cfg_get(cfg, key), ALL_ROWS)
+    return check_number(f"task.{key}", optional_setting(cfg, key), ALL_ROWS)
 
 
 def get_task_info(dataset: str) -> GlueTaskInfo:
@@ -265,9 +254,9 @@ def get_task_info(dataset: str) -> GlueTaskInfo:
 
 def load_glue(task_cfg: Any) -> TaskData:
     """Build the raw GLUE splits named by ``task_cfg`` (hub when data_dir is null, else local)."""
-    info = get_task_info(cfg_get(task_cfg, "dataset"))
-    name = cfg_get(task_cfg, "name") or f"glue/{info.name}"
-    primary = cfg_get(task_cfg, "primary_metric") or info.primary_metric
+    info = get_task_info(setting(task_cfg, "dataset", "task"))
+    name = optional_setting(task_cfg, "name") or f"glue/{info.name}"
+    primary = optional_setting(task_cfg, "primary_metric") or info.primary_metric
     if primary not in info.metrics:
         raise ConfigError(
             f"task.primary_metric={primary!r} is not computed for {name}; "
@@ -275,12 +264,11 @@ def load_glue(task_cfg: Any) -> TaskData:
         )
     max_train = positive_int_or_none(task_cfg, "max_train_samples")
     max_eval = positive_int_or_none(task_cfg, "max_eval_samples")
-    seed = cfg_get(task_cfg, "subsample_seed", 0)
-    seed = 0 if seed is None else int(seed)
+    seed = check_number("task.subsample_seed", setting(task_cfg, "subsample_seed", "task"), SEED)
 
-    data_dir = cfg_get(task_cfg, "data_dir")
+    data_dir = optional_setting(task_cfg, "data_dir")
     if data_dir is None or str(data_dir).strip() == "":
-        hub_path = cfg_get(task_cfg, "hub_path") or DEFAULT_HUB_PATH
+        hub_path = optional_setting(task_cfg, "hub_path") or DEFAULT_HUB_PATH
         train, evals, tests = _load_hub(info, str(hub_path))
         source = f"hub:{hub_path}/{info.name}"
     else:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cmiexp.checks import SEED, TASK_SCHEMA, check_number, optional_setting, setting
 from cmiexp.data.base import TaskData, not_utf8_error
 from cmiexp.errors import ConfigError, DataError
 
@@ -431,12 +432,6 @@ def _load_hub(spec: HubTaskSpec, hub_path: str, hub_config: str | None, convert)
 # ----------------------------------------------------------------------------- entry point
 
 
-def _cfg_get(cfg, key, default=None):
-    from cmiexp.data.glue import cfg_get as get
-
-    return get(cfg, key, default)
-
-
 def split_off_validation(train, fraction: float, seed: int):
     """Carve a validation split out of ``train`` by a seeded permutation (both keep their order)."""
     n = len(train)
@@ -456,23 +451,23 @@ def load_hub_task(task_cfg) -> TaskData:
     """Build the splits of the task named by ``task.dataset`` (hub when data_dir is null, else local files)."""
     from cmiexp.data.glue import positive_int_or_none, subsample
 
-    spec = get_spec(str(_cfg_get(task_cfg, "dataset")))
-    name = str(_cfg_get(task_cfg, "name") or spec.name)
-    primary = str(_cfg_get(task_cfg, "primary_metric") or spec.primary_metric)
+    spec = get_spec(str(setting(task_cfg, "dataset", "task")))
+    name = str(optional_setting(task_cfg, "name") or spec.name)
+    primary = str(optional_setting(task_cfg, "primary_metric") or spec.primary_metric)
     if primary not in spec.metrics:
         raise ConfigError(f"task.primary_metric={primary!r} is not computed for {name}; "
                           f"valid choices: {', '.join(spec.metrics)}")
     convert = spec.convert
     if spec.name == "boolq":
-        convert = functools.partial(_boolq, with_passage=bool(_cfg_get(task_cfg, "with_passage", True)))
+        convert = functools.partial(_boolq, with_passage=bool(setting(task_cfg, "with_passage", "task")))
 
-    data_dir = _cfg_get(task_cfg, "data_dir")
+    data_dir = optional_setting(task_cfg, "data_dir")
     if data_dir is None or str(data_dir).strip() == "":
-        hub_path = _cfg_get(task_cfg, "hub_path") or spec.hub_path
+        hub_path = optional_setting(task_cfg, "hub_path") or spec.hub_path
         if not hub_path:
             raise DataError(f"{name} has no standard Hugging Face hub copy; set task.data_dir=/path/to/{spec.name} "
                             f"({_layout(spec)})")
-        splits = _load_hub(spec, str(hub_path), _cfg_get(task_cfg, "hub_config", spec.hub_config), convert)
+        splits = _load_hub(spec, str(hub_path), setting(task_cfg, "hub_config", "task"), convert)
         source = f"hub:{hub_path}"
     else:
         root = Path(str(data_dir)).expanduser()
@@ -488,12 +483,14 @@ def load_hub_task(task_cfg) -> TaskData:
     train = splits["train"]
     evals = {"validation": splits["validation"]} if "validation" in splits else {}
     if not evals:
-        frac = float(_cfg_get(task_cfg, "validation_fraction", 0.2) or 0.0)
-        if frac <= 0:
+        frac = check_number("task.validation_fraction", setting(task_cfg, "validation_fraction", "task"),
+                            TASK_SCHEMA["validation_fraction"])
+        if frac is None:
             raise DataError(f"{name} ({source}) has no validation split; set task.validation_fraction (e.g. 0.2) "
                             "to carve one out of train")
-        train, evals["validation"] = split_off_validation(train, frac, int(_cfg_get(task_cfg, "split_seed", 42)))
-    seed = int(_cfg_get(task_cfg, "subsample_seed", 0) or 0)
+        train, evals["validation"] = split_off_validation(
+            train, frac, check_number("task.split_seed", setting(task_cfg, "split_seed", "task"), SEED))
+    seed = check_number("task.subsample_seed", setting(task_cfg, "subsample_seed", "task"), SEED)
     train = subsample(train, positive_int_or_none(task_cfg, "max_train_samples"), seed)
     max_eval = positive_int_or_none(task_cfg, "max_eval_samples")
     evals = {a: subsample(d, max_eval, seed) for a, d in evals.items()}

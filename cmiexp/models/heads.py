@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cmiexp.checks import HEAD_SCHEMA, check_number
+from cmiexp.checks import HEAD_SCHEMA, check_number, optional_setting, setting
 from cmiexp.errors import CheckpointError, ConfigError, DataError
 
 HEADS = ("pooling", "masking", "generation")
@@ -57,15 +57,9 @@ BACKBONE_DIR = "backbone"
 # ----------------------------------------------------------------------------- config
 
 
-def _get(node, key, default=None):
-    if node is None:
-        return default
-    getter = getattr(node, "get", None)
-    return getter(key, default) if callable(getter) else getattr(node, key, default)
-
-
 def head_name(cfg) -> str:
-    name = str(_get(_get(cfg, "head"), "name", "pooling") or "pooling")
+    # A run config without a head group (written before heads existed) used the pooled classifier.
+    name = str(optional_setting(optional_setting(cfg, "head"), "name") or "pooling")
     if name not in HEADS:
         raise ConfigError(f"unknown head.name={name!r}; valid choices: {', '.join(HEADS)}")
     return name
@@ -73,7 +67,8 @@ def head_name(cfg) -> str:
 
 def head_prompt(cfg) -> str:
     """The prompt text: ``head.prompt``, else the task's ``prompt``, else a generic one."""
-    for value in (_get(_get(cfg, "head"), "prompt"), _get(_get(cfg, "task"), "prompt")):
+    for value in (optional_setting(optional_setting(cfg, "head"), "prompt"),
+                  optional_setting(optional_setting(cfg, "task"), "prompt")):
         if value is not None:
             return str(value)
     return DEFAULT_PROMPT
@@ -104,7 +99,7 @@ def input_suffix(cfg, tokenizer) -> InputSuffix | None:
     if head == "masking":
         mask = getattr(tokenizer, "mask_token", None)
         if not mask or getattr(tokenizer, "mask_token_id", None) is None:
-            model = _get(_get(cfg, "model"), "name", "?")
+            model = optional_setting(optional_setting(cfg, "model"), "name") or "?"
             raise ConfigError(f"head=masking needs a tokenizer with a mask token, but model={model} has none; "
                               "use head=generation (decoders) or head=pooling")
         text = f" {prompt} {mask}" if prompt else f" {mask}"
@@ -320,7 +315,7 @@ def build_classifier(path: str, cfg, task, tokenizer):
     head = head_name(cfg)
     if head == "pooling":
         return load_model(path, cfg.model, task, kind="classification", tokenizer=tokenizer)
-    family = str(_get(cfg.model, "family", "encoder") or "encoder")
+    family = str(setting(cfg.model, "family", "model"))
     if family == "seq2seq":
         raise ConfigError(f"head={head} needs an encoder or decoder model, not the encoder-decoder "
                           f"model={cfg.model.name}; use head=pooling")
@@ -331,10 +326,10 @@ def build_classifier(path: str, cfg, task, tokenizer):
             raise ConfigError(f"head=masking needs a tokenizer with a mask token, but model={cfg.model.name} has none; "
                               "use head=generation (decoders) or head=pooling")
     backbone = drop_unused_pooler(load_model(path, cfg.model, task, kind="base", tokenizer=tokenizer))
-    hc = _get(cfg, "head")
+    hc = cfg.head
     return PromptHeadClassifier(
         backbone, kind=head, num_labels=task.num_labels, mask_token_id=mask_id,
-        head_hidden_size=_get(hc, "hidden_size"), dropout=float(_get(hc, "dropout", 0.1)),
+        head_hidden_size=setting(hc, "hidden_size", "head"), dropout=float(setting(hc, "dropout", "head")),
         causal_positions=family == "decoder", id2label=task.id2label,
         problem_type="regression" if task.is_regression else "single_label_classification",
     )
@@ -357,7 +352,7 @@ def apply_peft(model, cfg):
     """Parameter-efficient fine-tuning chosen by the ``peft`` group (``none`` = full fine-tuning)."""
     from cmiexp.models.peft_methods import apply_peft_config
 
-    return apply_peft_config(model, _get(cfg, "peft"))
+    return apply_peft_config(model, optional_setting(cfg, "peft"))
 
 
 # The batch keys a classifier can be fed, in the order a batch lists them.

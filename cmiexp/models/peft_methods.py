@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from cmiexp.checks import PEFT_SCHEMA, check_number
+from cmiexp.checks import PEFT_SCHEMA, check_number, setting
 from cmiexp.errors import ConfigError
 
 PEFT_METHODS = ("none", "lora", "rocoft")
@@ -309,15 +309,8 @@ def apply_lora(model: nn.Module, rank: int = 8, alpha: float = 16, dropout: floa
 # ----------------------------------------------------------------------------- dispatcher
 
 
-def _cfg_get(node, key, default=None):
-    if node is None:
-        return default
-    getter = getattr(node, "get", None)
-    return getter(key, default) if callable(getter) else getattr(node, key, default)
-
-
 def _targets(node):
-    t = _cfg_get(node, "target_modules", "all-linear")
+    t = setting(node, "target_modules", "peft")
     if t is None or isinstance(t, str):
         return t
     return [str(x) for x in t]
@@ -325,17 +318,22 @@ def _targets(node):
 
 def apply_peft_config(model: nn.Module, peft_cfg) -> nn.Module:
     """Apply the method named by ``peft_cfg.name`` (None or name none = full fine-tuning)."""
-    name = str(_cfg_get(peft_cfg, "name", "none") or "none")
+    if peft_cfg is None:
+        return model
+    name = str(setting(peft_cfg, "name", "peft"))
+
+    def get(key):
+        return setting(peft_cfg, key, "peft")
+
     if name == "none":
         return model
     if name == "lora":
-        return apply_lora(model, rank=_cfg_get(peft_cfg, "rank", 8), alpha=_cfg_get(peft_cfg, "alpha", 16),
-                          dropout=_cfg_get(peft_cfg, "dropout", 0.05), targets=_targets(peft_cfg))
+        return apply_lora(model, rank=get("rank"), alpha=get("alpha"), dropout=get("dropout"), targets=_targets(peft_cfg))
     if name == "rocoft":
-        return apply_rocoft(model, rank=_cfg_get(peft_cfg, "rank", 3), axis=str(_cfg_get(peft_cfg, "axis", "column")),
-                            targets=_targets(peft_cfg), train_bias=bool(_cfg_get(peft_cfg, "train_bias", False)),
-                            head=str(_cfg_get(peft_cfg, "head", None) or "full"),
-                            conv1d=str(_cfg_get(peft_cfg, "conv1d", None) or "rocoft"))
+        # null head / conv1d: the whole head trains / Conv1D is restricted like nn.Linear (conf/peft/rocoft.yaml)
+        return apply_rocoft(model, rank=get("rank"), axis=str(get("axis")), targets=_targets(peft_cfg),
+                            train_bias=bool(get("train_bias")), head=str(get("head") or "full"),
+                            conv1d=str(get("conv1d") or "rocoft"))
     raise ConfigError(f"unknown peft.name={name!r}; valid choices: {', '.join(PEFT_METHODS)}")
 
 

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cmiexp.checks import POSITIVE_INT, SEED, Number, check_number, check_settings
+from cmiexp.checks import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Number, check_number, check_settings
 from cmiexp.config import CONF_DIR
 from cmiexp.errors import CheckpointError, ConfigError, DataError
 from cmiexp.io import atomic_write_text
@@ -61,14 +61,13 @@ POOLING_CHOICES = ("mean", "cls", "last", "head")
 SETTINGS: tuple[str, ...] = tuple(k for k in OmegaConf.load(CONF_DIR / "objective" / "flownib.yaml")
                                   if k not in ("name", "probe"))
 COMPAT_CHOICES = ("ours", "reference")
-_FRACTION = Number("float", 0, False, 1, False)
 # Types and ranges of the probe's numeric settings (cmiexp.checks' one rule and message format).
 PROBE_SCHEMA: dict[str, Number] = {
     "steps": POSITIVE_INT, "batch_size": Number("int", 2), "hidden": POSITIVE_INT, "record_every": POSITIVE_INT,
     "select_every": POSITIVE_INT, "max_samples": Number("int", 4, nullable=True, null_means="the whole split"),
-    "subsample_seed": SEED, "heldout_fraction": _FRACTION, "test_fraction": _FRACTION,
-    "noise_std": Number("float", 0, nullable=True, null_means="no added noise"), "lr": Number("float", 0, False),
-    "delta": Number("float", 0), "tau": Number("float", 0, False), "weight_decay": Number("float", 0),
+    "subsample_seed": SEED, "heldout_fraction": FRACTION, "test_fraction": FRACTION,
+    "noise_std": Number("float", 0, nullable=True, null_means="no added noise"), "lr": POSITIVE,
+    "delta": NON_NEGATIVE, "tau": POSITIVE, "weight_decay": NON_NEGATIVE,
 }
 
 

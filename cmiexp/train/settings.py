@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from cmiexp.checks import POSITIVE_INT, SEED, Number, check_group, check_number, check_settings
+from cmiexp.checks import (
+    BELOW_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Number, check_group, check_number,
+    check_settings,
+)
 from cmiexp.errors import ConfigError
 
 # In cmiexp.checks' one format (kind, low, low inclusive, high, high inclusive, nullable): "int"
 # refuses 2.5 and "abc", "float" refuses "abc", nan and inf.
 TRAINER_SCHEMA = {
     "epochs": POSITIVE_INT, "max_steps": Number("int", None), "batch_size": POSITIVE_INT,
-    "eval_batch_size": POSITIVE_INT, "grad_accum": POSITIVE_INT, "lr": Number("float", 0, False),
-    "weight_decay": Number("float", 0), "adam_eps": Number("float", 0, False), "warmup_ratio": Number("float", 0),
-    "warmup_steps": Number("int", 0), "max_grad_norm": Number("float", 0, nullable=True),
-    "eval_train_samples": POSITIVE_INT, "num_workers": Number("int", 0), "log_every": POSITIVE_INT,
+    "eval_batch_size": POSITIVE_INT, "grad_accum": POSITIVE_INT, "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "adam_eps": POSITIVE, "warmup_ratio": NON_NEGATIVE,
+    "warmup_steps": NON_NEGATIVE_INT, "max_grad_norm": Number("float", 0, nullable=True),
+    "eval_train_samples": POSITIVE_INT, "num_workers": NON_NEGATIVE_INT, "log_every": POSITIVE_INT,
     "stop_after_steps": Number("int", 1, nullable=True),
     "collapse_share": Number("float", 0, False, 1, True),
 }
@@ -34,7 +37,7 @@ def check_config(cfg: DictConfig) -> None:
     if not (OmegaConf.is_list(betas) and len(betas) == 2):
         raise ConfigError(f"trainer.adam_betas={betas!r} must be a pair [beta1, beta2]")
     for i, b in enumerate(betas):
-        check_number(f"trainer.adam_betas[{i}]", b, Number("float", 0, True, 1, False))
+        check_number(f"trainer.adam_betas[{i}]", b, BELOW_ONE)
     check_number("seed", cfg.get("seed"), SEED)
     check_settings(cfg)
     retention = t.checkpoint_retention

@@ -361,16 +361,14 @@ def student_teacher_record(cfg: DictConfig) -> dict[str, Any] | None:
     return None
 
 
-def teacher_tag_resolver(*, _root_: DictConfig) -> str:
-    """``${cmiexp_teacher_tag:}`` in hydra.run.dir: ``-from-<teacher objective>-<hash8>`` for a KD
-    student, empty for every other run."""
-    objective = _root_.get("objective") or {}
-    if objective.get("name") != "kd":
-        return ""
-    parts = {k: OmegaConf.to_container(_root_[k], resolve=True) for k in ("objective", "task", "paths", "trainer")
-             if k in _root_}
+def student_teacher_tag(student: DictConfig) -> str:
+    """The run-directory suffix of a KD student (``-from-<teacher objective>-<hash8>``), for the
+    ``${cmiexp_teacher_tag:}`` resolver (``cmiexp.resolvers``, which decides whether a run is a KD
+    student); empty when its teacher cannot be resolved yet (the run then reports that in one line)."""
+    parts = {k: OmegaConf.to_container(student[k], resolve=True) for k in ("objective", "task", "paths", "trainer")
+             if k in student}
     key = json.dumps(parts, sort_keys=True, default=str)
-    if objective.get("teacher_config") is None:
+    if student.objective.get("teacher_config") is None:
         return _teacher_tag.__wrapped__(key)  # a path teacher: read from disk each time (it may change)
     return _teacher_tag(key)
 
