@@ -26,6 +26,11 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None = 
             from cmiexp.probes.run_probe import run_probe
 
             return run_probe(cfg, run_dir, held)
+        from cmiexp.train.settings import check_config
+
+        # The settings checks need only omegaconf: a bad value is refused in about a second,
+        # before torch and transformers are imported (the runner checks again, for direct callers).
+        check_config(cfg)
         from cmiexp.train.runner import run_experiment
 
         return run_experiment(cfg, run_dir, held)

@@ -279,6 +279,23 @@ def test_help_and_cfg_do_not_import_torch_or_transformers(cmiexp_env, args):
     assert proc.stdout.strip().splitlines()[-1] == "loaded: []", proc.stdout[-500:]
 
 
+def test_a_bad_training_setting_is_refused_before_torch_is_imported(cmiexp_env, tmp_path):
+    """A typo in a trainer/task/model/head/peft number costs about a second, not a library import:
+    the settings are checked before the training stack is loaded, and the failure record is written."""
+    run_dir = tmp_path / "run"
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['cmiexp', 'trainer.lr=abc', 'hydra.run.dir={run_dir}']\n"
+            "try:\n    runpy.run_module('cmiexp', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('exit:', code, 'loaded:', sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') "
+            "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], env=cmiexp_env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "exit: 1 loaded: []", proc.stdout[-500:] + proc.stderr[-2000:]
+    assert "cmiexp: error: trainer.lr='abc' must be a finite number" in proc.stderr
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "trainer.lr='abc' must be a finite number"
+
+
 def test_progress_bar_with_live_loss_on_a_terminal(cmiexp_env, output_dir):
     """On a terminal (a pty here) the bar is redrawn in place with loss=...; log lines still appear."""
     import os

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from cmiexp.cot.safe_eval import svamp_correct
+from cmiexp.data.safe_eval import svamp_correct
 from cmiexp.data.cot import (
     explain_input,
     format_example,

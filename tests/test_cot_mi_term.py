@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmiexp.cot.calibration import expected_calibration_error
-from cmiexp.cot.mi_term import mi_loss_masked, mi_loss_reference
+from cmiexp.metrics import expected_calibration_error
+from cmiexp.objectives.cot_mi import mi_loss_masked, mi_loss_reference
 
 # --- independent numpy versions (plain loops) ---------------------------------------------------
 

@@ -203,7 +203,7 @@ def test_lora_attention_target_names_exist(name):
 
 @pytest.mark.parametrize("name", SEQ2SEQ)
 def test_t5_untied_head_logits_and_mi_term(name):
-    from cmiexp.cot.mi_term import mi_loss_reference
+    from cmiexp.objectives.cot_mi import mi_loss_reference
 
     c = config_of(name)
     model = build_meta_model(compose_config([f"model={name}", "task=cot/svamp", "objective=cot_mi"]), TASK, c,

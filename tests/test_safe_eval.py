@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmiexp.cot.safe_eval import MAX_CHARS, MAX_DEPTH, safe_eval, svamp_correct
+from cmiexp.data.safe_eval import MAX_CHARS, MAX_DEPTH, safe_eval, svamp_correct
 
 SVAMP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cot" / "svamp"
 

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cmiexp.cot.safe_eval import svamp_correct
+from cmiexp.data.safe_eval import svamp_correct
 from cmiexp.checks import ALL_ROWS, TASK_SCHEMA, check_number, optional_setting, setting
 from cmiexp.errors import ConfigError, DataError
 

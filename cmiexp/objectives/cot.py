@@ -11,7 +11,7 @@ Four objectives, all trained on batches built by ``cmiexp.train.adapters.cot``:
   forward passes per step. The label is the task's ``label_source`` (``llm`` by default:
   the teacher's answer; ``task.label_source=gold`` gives DSS with human labels).
 - ``cot_mi``  MI-CoT (Chen et al. 2024): ``L = L_dss + beta * L_MI`` (beta = 0.1) with
-  ``mi_variant=reference`` (the public code's term, ``cmiexp.cot.mi_term.mi_loss_reference``)
+  ``mi_variant=reference`` (the public code's term, ``cmiexp.objectives.cot_mi.mi_loss_reference``)
   or ``masked`` (``mi_loss_masked``: padding masked, proper distributions). ``beta=0`` is DSS.
 - ``cot_finetune``  DSS paper baseline "standard fine-tuning": no task prefix, no rationale
   branch, GOLD labels (overrides ``task.label_source``).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cmiexp.cot.mi_term import mi_loss_masked, mi_loss_reference
+from cmiexp.objectives.cot_mi import mi_loss_masked, mi_loss_reference
 from cmiexp.errors import ConfigError
 from cmiexp.objectives.base import Objective, objective_number, register_objective
 

@@ -17,7 +17,7 @@ new tokens, default 64), scored against the GOLD label with ``answer_correct`` (
 value through the safe evaluator; others: exact text match). Metrics per split:
 
 - ``accuracy``: fraction of exact matches (the primary metric; model selection uses ``valid``).
-- ``ece``: expected calibration error, 10 equal-width bins (``cmiexp.cot.calibration``), with
+- ``ece``: expected calibration error, 10 equal-width bins (``cmiexp.metrics``), with
   confidence = the probability the student gives its whole greedy answer, i.e. the product of
   the softmax probabilities of the generated tokens up to and including the first EOS
   (``exp`` of the summed token log-probabilities; raw logits, no sampling processors), and
@@ -230,7 +230,7 @@ class CotAdapter:
 
     def score(self, run, alias: str, rows: list[dict]) -> dict:
         """Attach input/gold/correct to prediction rows (in place) and return the split's metrics."""
-        from cmiexp.cot.calibration import expected_calibration_error
+        from cmiexp.metrics import expected_calibration_error
 
         if not rows:
             raise DataError(f"task={run.task.name}: no predictions on split {alias!r}")
