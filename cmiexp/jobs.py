@@ -23,6 +23,9 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None = 
     which records a failure under it); otherwise rank 0 takes it here for the job."""
     with holding(run_dir, lock) as held:
         if is_probe(cfg):
+            from cmiexp.probes.inputs import check_probe_inputs
+
+            check_probe_inputs(cfg)  # settings, source run and compare entries: before torch is imported
             from cmiexp.probes.run_probe import run_probe
 
             return run_probe(cfg, run_dir, held)

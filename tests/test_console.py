@@ -279,21 +279,28 @@ def test_help_and_cfg_do_not_import_torch_or_transformers(cmiexp_env, args):
     assert proc.stdout.strip().splitlines()[-1] == "loaded: []", proc.stdout[-500:]
 
 
-def test_a_bad_training_setting_is_refused_before_torch_is_imported(cmiexp_env, tmp_path):
-    """A typo in a trainer/task/model/head/peft number costs about a second, not a library import:
-    the settings are checked before the training stack is loaded, and the failure record is written."""
+@pytest.mark.parametrize("args, error", [
+    (["trainer.lr=abc"], "trainer.lr='abc' must be a finite number"),
+    (["objective=flownib", "objective.source=/nonexistent/run"],
+     "objective.source=/nonexistent/run: no such run directory; give a finished cmiexp run directory"),
+    (["objective=flownib", "objective.steps=0"], "objective.steps=0 must be >= 1"),
+], ids=["training", "probe-source", "probe-setting"])
+def test_a_bad_setting_is_refused_before_torch_is_imported(cmiexp_env, tmp_path, args, error):
+    """A typo in a setting or a probe's source path costs about a second, not a library import: a
+    job's inputs are checked before the training or probing stack is loaded, and the failure record
+    is written."""
     run_dir = tmp_path / "run"
     code = ("import runpy, sys\n"
-            f"sys.argv = ['cmiexp', 'trainer.lr=abc', 'hydra.run.dir={run_dir}']\n"
+            f"sys.argv = ['cmiexp', *{args!r}, 'hydra.run.dir={run_dir}']\n"
             "try:\n    runpy.run_module('cmiexp', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
             "print('exit:', code, 'loaded:', sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') "
             "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], env=cmiexp_env, cwd=REPO, capture_output=True, text=True,
                           timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "exit: 1 loaded: []", proc.stdout[-500:] + proc.stderr[-2000:]
-    assert "cmiexp: error: trainer.lr='abc' must be a finite number" in proc.stderr
+    assert f"cmiexp: error: {error}" in proc.stderr
     record = json.loads((run_dir / "results.json").read_text())
-    assert record["status"] == "failed" and record["error"] == "trainer.lr='abc' must be a finite number"
+    assert record["status"] == "failed" and record["error"].startswith(error)
 
 
 def test_progress_bar_with_live_loss_on_a_terminal(cmiexp_env, output_dir):

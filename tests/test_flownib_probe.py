@@ -205,7 +205,7 @@ def test_source_of_another_task_model_or_head_is_refused(finetuned, cache_dir, t
 
 
 def test_source_without_checkpoint_or_config_is_refused(finetuned, tmp_path):
-    from cmiexp.probes.run_probe import resolve_source
+    from cmiexp.probes.inputs import resolve_source
 
     cfg = compose_config([*RTE, "objective=flownib"])
     bare = tmp_path / "bare"
@@ -224,7 +224,7 @@ def test_source_without_checkpoint_or_config_is_refused(finetuned, tmp_path):
 
 
 def test_bad_probe_settings_name_the_key(tmp_path):
-    from cmiexp.probes.run_probe import load_compare_entries, probe_settings
+    from cmiexp.probes.inputs import load_compare_entries, probe_settings
 
     base = dict(compose_config(["objective=flownib"]).objective)
     for key, value in (("pooling", "max"), ("steps", 0), ("batch_size", 1), ("heldout_fraction", 1.0), ("lr", -1)):

@@ -186,7 +186,7 @@ def defaults_in_code(package: Path, keys: set[str]) -> list[str]:
 # versions, report rows and Hydra's own node.
 NOT_CONFIG_READS = {
     "cmiexp/models/heads.py: meta.get('dropout', 0.1)",  # a saved classifier's head.json
-    "cmiexp/probes/run_probe.py: r.get('seed', c.get('seed'))",  # a source run's results.json
+    "cmiexp/probes/inputs.py: r.get('seed', c.get('seed'))",  # a source run's results.json
     "cmiexp/report/tables.py: r.source.get('split', '')",  # a report row
     "cmiexp/runs/provision.py: c.get('trainer', {})",  # a provisioned run's spec file
     "cmiexp/runs/records.py: old.get('num_processes', procs_new)",  # a recorded run config

@@ -1,4 +1,13 @@
-"""Probes that read information-theoretic quantities off trained models (FlowNIB)."""
+"""Probes that read information-theoretic quantities off trained models (FlowNIB).
 
-from cmiexp.probes.flownib import *  # noqa: F401,F403 - the public API of the FlowNIB probe
-from cmiexp.probes.flownib import __all__  # noqa: F401
+The FlowNIB API (``cmiexp.probes.flownib``) is handed on lazily, so that importing
+``cmiexp.probes.inputs`` (the probe job's file-only checks) does not import torch."""
+
+from importlib import import_module
+
+
+def __getattr__(name):
+    flownib = import_module("cmiexp.probes.flownib")
+    if name in flownib.__all__:
+        return getattr(flownib, name)
+    raise AttributeError(f"module 'cmiexp.probes' has no attribute {name!r}")
