@@ -29,11 +29,14 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None = 
             from cmiexp.probes.run_probe import run_probe
 
             return run_probe(cfg, run_dir, held)
+        from cmiexp.data import check_task_files
         from cmiexp.train.settings import check_config
 
-        # The settings checks need only omegaconf: a bad value is refused in about a second,
-        # before torch and transformers are imported (the runner checks again, for direct callers).
+        # The settings and file checks need no deep-learning library: a bad value or a wrong
+        # task.data_dir is refused in about a second, before torch and transformers are imported
+        # (the runner and the loader meet the same checks again, for direct callers).
         check_config(cfg)
+        check_task_files(cfg.task)
         from cmiexp.train.runner import run_experiment
 
         return run_experiment(cfg, run_dir, held)

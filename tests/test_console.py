@@ -284,11 +284,15 @@ def test_help_and_cfg_do_not_import_torch_or_transformers(cmiexp_env, args):
     (["objective=flownib", "objective.source=/nonexistent/run"],
      "objective.source=/nonexistent/run: no such run directory; give a finished cmiexp run directory"),
     (["objective=flownib", "objective.steps=0"], "objective.steps=0 must be >= 1"),
-], ids=["training", "probe-source", "probe-setting"])
+    (["task=glue/rte", "task.data_dir=/nonexistent/glue"],
+     "task.data_dir /nonexistent/glue does not exist or is not a folder: it must hold the standard GLUE layout"),
+    (["task=cot/svamp", "model=tiny-t5", "task.data_dir=/"], "task.data_dir: no folder /svamp (expected layout:"),
+    (["task=cls/boolq", "task.data_dir=/nonexistent/boolq"], "task.data_dir /nonexistent/boolq does not exist"),
+], ids=["training", "probe-source", "probe-setting", "glue-data-dir", "cot-data-dir", "hub-task-data-dir"])
 def test_a_bad_setting_is_refused_before_torch_is_imported(cmiexp_env, tmp_path, args, error):
-    """A typo in a setting or a probe's source path costs about a second, not a library import: a
-    job's inputs are checked before the training or probing stack is loaded, and the failure record
-    is written."""
+    """A typo in a setting, a probe's source path or a task's data folder costs about a second, not a
+    library import: a job's inputs are checked before the training or probing stack is loaded, and
+    the failure record is written."""
     run_dir = tmp_path / "run"
     code = ("import runpy, sys\n"
             f"sys.argv = ['cmiexp', *{args!r}, 'hydra.run.dir={run_dir}']\n"

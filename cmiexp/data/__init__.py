@@ -16,6 +16,24 @@ LOADERS = {
 }
 
 
+# loader name -> "module:function" that refuses missing local data without reading it or importing a
+# library (the loader meets the same checks); cmiexp.jobs runs it before torch is imported.
+FILE_CHECKS = {
+    "glue": "cmiexp.data.glue:check_glue_files",
+    "cot": "cmiexp.data.cot:check_cot_files",
+    "hub": "cmiexp.data.hub_tasks:check_hub_task_files",
+}
+
+
+def check_task_files(task_cfg) -> None:
+    """DataError naming the folder or file when the task's local data is missing (no-op for loaders
+    without local files, or an unknown loader, which ``load_task`` names)."""
+    target = FILE_CHECKS.get(task_cfg.get("loader"))
+    if target:
+        module, fn = target.split(":")
+        getattr(importlib.import_module(module), fn)(task_cfg)
+
+
 def load_task(task_cfg) -> TaskData:
     name = task_cfg.get("loader")
     if name not in LOADERS:
@@ -24,4 +42,4 @@ def load_task(task_cfg) -> TaskData:
     return getattr(importlib.import_module(module), fn)(task_cfg)
 
 
-__all__ = ["TaskData", "load_task", "LOADERS"]
+__all__ = ["FILE_CHECKS", "LOADERS", "TaskData", "check_task_files", "load_task"]

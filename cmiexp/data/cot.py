@@ -353,6 +353,24 @@ def _load_split(spec: _Spec, ds_dir: Path, split: str, nli_separator: str) -> li
     return records
 
 
+def dataset_dir(dataset: str, data_dir) -> Path:
+    """``<task.data_dir>/<dataset>``; DataError when data_dir is unset or that folder is missing."""
+    if data_dir is None:
+        raise DataError(f"task.data_dir is not set: {DSS_DOWNLOAD} (layout: {LAYOUT})")
+    ds_dir = Path(str(data_dir)).expanduser() / dataset
+    if not ds_dir.is_dir():
+        raise DataError(f"task.data_dir: no folder {ds_dir} (expected layout: {LAYOUT}; {DSS_DOWNLOAD})")
+    return ds_dir
+
+
+def check_cot_files(task_cfg) -> None:
+    """Refuse a CoT task whose data folder is missing, reading nothing and importing no library
+    (``cmiexp.jobs`` calls it before torch is imported; ``load_cot`` meets the same check)."""
+    dataset = optional_setting(task_cfg, "dataset")
+    if dataset is not None:  # a missing dataset is named by the loader
+        dataset_dir(_spec(str(dataset)).name, optional_setting(task_cfg, "data_dir"))
+
+
 def load_cot(task_cfg) -> CotData:
     """Load a CoT-distillation task from ``task.data_dir`` (see the module doc for keys and layout).
 
@@ -386,12 +404,7 @@ def load_cot(task_cfg) -> CotData:
     if metric != "accuracy":
         raise ConfigError(f"task.metric={metric!r} is not supported for CoT tasks; use accuracy")
 
-    data_dir = optional_setting(task_cfg, "data_dir")
-    if data_dir is None:
-        raise DataError(f"task.data_dir is not set: {DSS_DOWNLOAD} (layout: {LAYOUT})")
-    ds_dir = Path(str(data_dir)).expanduser() / spec.name
-    if not ds_dir.is_dir():
-        raise DataError(f"task.data_dir: no folder {ds_dir} (expected layout: {LAYOUT}; {DSS_DOWNLOAD})")
+    ds_dir = dataset_dir(spec.name, optional_setting(task_cfg, "data_dir"))
 
     records: dict[str, list[dict]] = {}
     for split in spec.file_splits:

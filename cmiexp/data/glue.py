@@ -331,15 +331,28 @@ def resolve_task_dir(data_dir: str, info: GlueTaskInfo) -> Path:
     )
 
 
+def required_file(info: GlueTaskInfo, task_dir: Path, split: GlueSplitFile) -> Path:
+    path = task_dir / split.filename
+    if not path.is_file():
+        raise DataError(f"missing GLUE file {path}: task.data_dir must hold the standard GLUE layout ({info.layout})")
+    return path
+
+
+def check_glue_files(task_cfg: Any) -> None:
+    """Refuse a GLUE task whose local folder or files are missing, without reading them or importing
+    a library (``cmiexp.jobs`` calls it before torch is imported; ``load_glue`` meets the same checks)."""
+    info = get_task_info(setting(task_cfg, "dataset", "task"))
+    data_dir = optional_setting(task_cfg, "data_dir")
+    if data_dir is None or str(data_dir).strip() == "":
+        return  # the hub: checked when it is loaded
+    task_dir = resolve_task_dir(str(data_dir), info)
+    for split in ([info.train] if info.train else []) + list(info.eval_splits):
+        required_file(info, task_dir, split)
+
+
 def _load_local(info: GlueTaskInfo, task_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     def required(split: GlueSplitFile, role: str):
-        path = task_dir / split.filename
-        if not path.is_file():
-            raise DataError(
-                f"missing GLUE file {path}: task.data_dir must hold the standard GLUE layout "
-                f"({info.layout})"
-            )
-        return read_glue_tsv(path, info, role)
+        return read_glue_tsv(required_file(info, task_dir, split), info, role)
 
     train = required(info.train, "train") if info.train else None
     evals = {s.alias: required(s, "eval") for s in info.eval_splits}

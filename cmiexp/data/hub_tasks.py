@@ -447,6 +447,27 @@ def split_off_validation(train, fraction: float, seed: int):
             val.remove_columns("idx").add_column("idx", list(range(len(val)))))
 
 
+def local_root(spec: HubTaskSpec, data_dir) -> Path:
+    """``task.data_dir`` as an absolute folder (relative to where cmiexp was started); DataError if absent."""
+    root = Path(str(data_dir)).expanduser()
+    if not root.is_absolute():
+        from hydra.utils import to_absolute_path
+
+        root = Path(to_absolute_path(str(root)))
+    if not root.is_dir():
+        raise DataError(f"task.data_dir {root} does not exist or is not a folder: it must hold {_layout(spec)}")
+    return root
+
+
+def check_hub_task_files(task_cfg) -> None:
+    """Refuse a local copy (``task.data_dir``) that is not a folder, reading nothing and importing no
+    library (``cmiexp.jobs`` calls it before torch is imported; ``load_hub_task`` meets the same check)."""
+    spec = get_spec(str(setting(task_cfg, "dataset", "task")))
+    data_dir = optional_setting(task_cfg, "data_dir")
+    if data_dir is not None and str(data_dir).strip() != "":
+        local_root(spec, data_dir)
+
+
 def load_hub_task(task_cfg) -> TaskData:
     """Build the splits of the task named by ``task.dataset`` (hub when data_dir is null, else local files)."""
     from cmiexp.data.glue import positive_int_or_none, subsample
@@ -470,13 +491,7 @@ def load_hub_task(task_cfg) -> TaskData:
         splits = _load_hub(spec, str(hub_path), setting(task_cfg, "hub_config", "task"), convert)
         source = f"hub:{hub_path}"
     else:
-        root = Path(str(data_dir)).expanduser()
-        if not root.is_absolute():
-            from hydra.utils import to_absolute_path
-
-            root = Path(to_absolute_path(str(root)))
-        if not root.is_dir():
-            raise DataError(f"task.data_dir {root} does not exist or is not a folder: it must hold {_layout(spec)}")
+        root = local_root(spec, data_dir)
         splits = _load_local(spec, root, convert)
         source = f"local:{root}"
 
@@ -509,5 +524,5 @@ def load_hub_task(task_cfg) -> TaskData:
     )
 
 
-__all__ = ["HUB_TASKS", "HubTaskSpec", "get_spec", "hellaswag_text", "humicroedit_headlines", "load_hub_task",
-           "read_table", "siqa_text", "split_off_validation"]
+__all__ = ["HUB_TASKS", "HubTaskSpec", "check_hub_task_files", "get_spec", "hellaswag_text", "humicroedit_headlines",
+           "load_hub_task", "local_root", "read_table", "siqa_text", "split_off_validation"]

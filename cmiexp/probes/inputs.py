@@ -189,12 +189,14 @@ def check_probe_inputs(cfg: DictConfig) -> tuple[dict[str, Any], ProbeSource, li
     """(settings, source, compare entries) of a probe job, each checked; ConfigError naming the key
     or file on the first problem. Also checks the task/model/head/peft numbers (``cmiexp.checks``)
     and that the task is one a probe reads (classification or regression)."""
+    from cmiexp.data import check_task_files
     from cmiexp.train.adapters import has_own_adapter  # a registry of names: no training code
 
     if has_own_adapter(cfg.task.get("loader")):  # tasks with their own adapter (cot: generation)
         raise ConfigError(f"objective=flownib probes classification and regression tasks; task={cfg.task.name} "
                           "is not one")
     check_settings(cfg)
+    check_task_files(cfg.task)
     settings = probe_settings(cfg.objective)
     source = resolve_source(settings["source"], cfg)
     return settings, source, load_compare_entries(settings["compare"])
