@@ -8,7 +8,7 @@ import os
 
 from omegaconf import DictConfig
 
-from cmiexp.runs import RunLock, holding
+from cmiexp.runs import RunLock, holding, read_results
 
 
 def is_probe(cfg: DictConfig) -> bool:
@@ -22,23 +22,29 @@ def run_job(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None = 
     ``lock``: the run directory's lock when the caller holds it already (the ``cmiexp`` command,
     which records a failure under it); otherwise rank 0 takes it here for the job."""
     with holding(run_dir, lock) as held:
+        # A new run directory's inputs are checked before torch and transformers are imported, so
+        # a bad value or a wrong path is refused in about a second. A directory that holds a run
+        # already goes straight to the runner, whose order decides (a completed run is returned as
+        # it is even if its data has moved since; another config is refused first).
+        fresh = read_results(run_dir) is None
         if is_probe(cfg):
-            from cmiexp.probes.inputs import check_probe_inputs
+            if fresh:
+                from cmiexp.probes.inputs import check_probe_inputs
 
-            check_probe_inputs(cfg)  # settings, source run and compare entries: before torch is imported
+                check_probe_inputs(cfg)
             from cmiexp.probes.run_probe import run_probe
 
             return run_probe(cfg, run_dir, held)
-        from cmiexp.data import check_task_files
         from cmiexp.train.settings import check_config
 
-        # The settings and file checks need no deep-learning library: a bad value or a wrong
-        # task.data_dir is refused in about a second, before torch and transformers are imported
-        # (the runner and the loader meet the same checks again, for direct callers).
-        check_config(cfg)
-        check_task_files(cfg.task)
+        check_config(cfg)  # the runner checks it before anything else too
+        if fresh:
+            from cmiexp.data import check_task_files
+
+            check_task_files(cfg.task)  # the loader meets the same checks
         from cmiexp.train.runner import run_experiment
 
         return run_experiment(cfg, run_dir, held)
+
 
 __all__ = ["is_probe", "run_job"]

@@ -413,6 +413,8 @@ def test_error_bad_row_fields(tmp_path):
         ({"max_train_samples": 0}, "task.max_train_samples"),
         ({"max_eval_samples": "10"}, "task.max_eval_samples"),
         ({"metric": "f1"}, "task.metric"),
+        ({"dataset": "anli1", "require_train": None}, "task.require_train=None must be true or false"),
+        ({"dataset": "anli1", "nli_separator": None}, "task.nli_separator=None must be a string"),
     ],
 )
 def test_config_errors(override, key):

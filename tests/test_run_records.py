@@ -417,3 +417,31 @@ def test_number_check_types_bounds_and_null():
         with pytest.raises(ConfigError) as e:
             check_number("f", bad, frac)
         assert str(e.value) == text
+
+
+@pytest.mark.parametrize("kind", ["training", "probe"])
+def test_early_input_checks_are_for_new_run_directories_only(tmp_path, monkeypatch, kind):
+    """The fast checks of cmiexp.jobs (settings, task files, a probe's source) run only for a run
+    directory that holds no run yet: a directory with a run goes straight to the runner, whose
+    order decides, so a completed run whose data has moved since is still returned as it is."""
+    import cmiexp.probes.run_probe as probe_module
+    import cmiexp.train.runner as runner_module
+    from cmiexp.errors import DataError
+    from cmiexp.jobs import run_job
+
+    reached = []
+    monkeypatch.setattr(runner_module, "run_experiment", lambda cfg, run_dir, lock: reached.append(run_dir) or {})
+    monkeypatch.setattr(probe_module, "run_probe", lambda cfg, run_dir, lock: reached.append(run_dir) or {})
+    overrides = ["task=glue/rte", f"task.data_dir={tmp_path / 'moved'}"]
+    if kind == "probe":
+        overrides += ["objective=flownib"]
+    cfg = compose_config(overrides)
+    new, done = tmp_path / "new", tmp_path / "done"
+    new.mkdir()
+    with pytest.raises(DataError, match="does not exist or is not a folder"):
+        run_job(cfg, new)
+    assert reached == []  # refused before the runner (and torch) is reached
+    done.mkdir()
+    (done / "results.json").write_text(json.dumps({"schema": 1, "status": "completed"}))
+    run_job(cfg, done)
+    assert reached == [done]

@@ -7,6 +7,8 @@ imports included)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -224,3 +226,16 @@ def test_a_failed_sweep_job_survives_pickling():
     back = pickle.loads(pickle.dumps(JobFailed("/runs/x", "trainer.lr=abc must be a finite number")))
     assert isinstance(back, JobFailed) and math.isnan(back)
     assert (back.run_dir, back.message) == ("/runs/x", "trainer.lr=abc must be a finite number")
+
+
+def test_the_probes_package_hands_on_flownib_lazily():
+    """``cmiexp.probes.__all__`` is FlowNIB's API, and importing the probe job's file-only checks
+    loads no torch (they run before it is imported)."""
+    import cmiexp.probes
+    import cmiexp.probes.flownib
+
+    assert sorted(cmiexp.probes.__all__) == sorted(cmiexp.probes.flownib.__all__)
+    code = ("import sys\nfrom cmiexp.probes import inputs\nimport cmiexp.data, cmiexp.train.settings\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr[-1000:]

@@ -396,8 +396,12 @@ def load_cot(task_cfg) -> CotData:
         valid_fraction = check_number("task.valid_fraction", setting(task_cfg, "valid_fraction", "task"),
                                       TASK_SCHEMA["valid_fraction"])
         split_seed = check_number("task.split_seed", setting(task_cfg, "split_seed", "task"), TASK_SCHEMA["split_seed"])
-    require_train = bool(setting(task_cfg, "require_train", "task")) if spec.has_valid else True
-    nli_separator = str(setting(task_cfg, "nli_separator", "task")) if spec.pair else ""
+    require_train = setting(task_cfg, "require_train", "task") if spec.has_valid else True
+    if not isinstance(require_train, bool):
+        raise ConfigError(f"task.require_train={require_train!r} must be true or false")
+    nli_separator = setting(task_cfg, "nli_separator", "task") if spec.pair else ""
+    if not isinstance(nli_separator, str):
+        raise ConfigError(f"task.nli_separator={nli_separator!r} must be a string (e.g. \"</s>\", the student's EOS)")
     max_train = check_number("task.max_train_samples", optional_setting(task_cfg, "max_train_samples"), ALL_ROWS)
     max_eval = check_number("task.max_eval_samples", optional_setting(task_cfg, "max_eval_samples"), ALL_ROWS)
     metric = str(setting(task_cfg, "metric", "task"))

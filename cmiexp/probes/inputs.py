@@ -9,6 +9,7 @@ the probe itself are imported; ``cmiexp.probes.run_probe`` uses the same functio
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,8 @@ def resolve_source(source, cfg) -> ProbeSource:
     if results is not None and results.get("status") != "completed":
         raise ConfigError(f"{key}: the source run has status {results.get('status')!r}, not completed; "
                           "finish it first (re-run its command)")
+    if (src_cfg.get("task") or {}).get("max_length") is None:  # the probe tokenizes as the run did
+        raise ConfigError(f"{key}: {cfg_file} has no task.max_length (not a classification or regression run)")
     ckpt = p / "checkpoint" / "best"
     if not ((ckpt / "config.json").is_file() or (ckpt / "cmiexp_head.json").is_file()):
         raise ConfigError(f"{key} has no checkpoint/best (trained with trainer.save_best=false, or not finished)")
@@ -185,13 +188,20 @@ def load_compare_entries(entries: list[str]) -> list[tuple[str, dict, dict | Non
     return out
 
 
+def refuse_distributed() -> None:
+    """A probe runs in one process (it caches one model's activations and fits its critics)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("objective=flownib runs in one process; start it without torchrun/accelerate launch")
+
+
 def check_probe_inputs(cfg: DictConfig) -> tuple[dict[str, Any], ProbeSource, list]:
     """(settings, source, compare entries) of a probe job, each checked; ConfigError naming the key
-    or file on the first problem. Also checks the task/model/head/peft numbers (``cmiexp.checks``)
-    and that the task is one a probe reads (classification or regression)."""
+    or file on the first problem. Also checks the task/model/head/peft numbers (``cmiexp.checks``),
+    the task's local files and that the task is one a probe reads (classification or regression)."""
     from cmiexp.data import check_task_files
     from cmiexp.train.adapters import has_own_adapter  # a registry of names: no training code
 
+    refuse_distributed()
     if has_own_adapter(cfg.task.get("loader")):  # tasks with their own adapter (cot: generation)
         raise ConfigError(f"objective=flownib probes classification and regression tasks; task={cfg.task.name} "
                           "is not one")
@@ -203,4 +213,5 @@ def check_probe_inputs(cfg: DictConfig) -> tuple[dict[str, Any], ProbeSource, li
 
 
 __all__ = ["COMPAT_CHOICES", "POOLING_CHOICES", "PROBE_SCHEMA", "SETTINGS", "ProbeSource", "check_probe_inputs",
-           "compare_label", "group_name", "load_compare_entries", "probe_settings", "resolve_source"]
+           "compare_label", "group_name", "load_compare_entries", "probe_settings", "refuse_distributed",
+           "resolve_source"]

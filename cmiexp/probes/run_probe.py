@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.errors import CheckpointError, ConfigError, DataError
 from cmiexp.io import atomic_write_text
-from cmiexp.probes.inputs import ProbeSource, check_probe_inputs, compare_label
+from cmiexp.probes.inputs import ProbeSource, check_probe_inputs, compare_label, refuse_distributed
 from cmiexp.runs import RunLock
 
 log = logging.getLogger("cmiexp")
@@ -151,10 +151,7 @@ def _load_model(cfg, source: ProbeSource, task, cache_dir: Path):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load the model in {source.checkpoint}: {first}") from None
-    max_len = (source.config.get("task") or {}).get("max_length")
-    if max_len is None:
-        raise CheckpointError(f"{source.run_dir / 'config.yaml'} has no task.max_length: not a classification run")
-    max_len = int(max_len)
+    max_len = int(source.config["task"]["max_length"])  # resolve_source checked it is there
     return (model, tokenizer, input_suffix(src, tokenizer), head_name(src),
             str(src.model.family), max_len)
 
@@ -238,8 +235,7 @@ def run_probe(cfg: DictConfig, run_dir: str | os.PathLike, lock: RunLock | None 
     from cmiexp.runs import read_results, write_results
 
     run_dir = Path(run_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("objective=flownib runs in one process; start it without torchrun/accelerate launch")
+    refuse_distributed()
     resume = str(cfg.trainer.resume).lower()
     prior = read_results(run_dir)
     if prior and prior.get("status") == "completed" and resume != "false":
