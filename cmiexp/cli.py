@@ -35,7 +35,7 @@ def _identity_fields(cfg: DictConfig) -> dict:
         except Exception:  # noqa: BLE001 - a broken config must not stop the failure record
             return None
 
-    return {"experiment": get("experiment_name") or "default", "task": get("task.name"),
+    return {"experiment": get("experiment_name"), "task": get("task.name"),
             "model": get("model.name"), "objective": get("objective.name"), "seed": get("seed"),
             "teacher_objective": get("objective.teacher_objective")}
 

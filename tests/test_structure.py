@@ -168,13 +168,32 @@ def _key_and_default(node: ast.Call):
     return (key, default) if isinstance(key, ast.Constant) and isinstance(key.value, str) else None
 
 
+def _read_or_constant(node: ast.BoolOp):
+    """The key of ``<config read> or <constant>`` (``x.get("key") or 128``, ``setting(x, "key", ...)
+    or "full"``): a fallback for a null value, i.e. a default in code; None for anything else."""
+    if not (isinstance(node.op, ast.Or) and len(node.values) == 2):
+        return None
+    read, default = node.values
+    if not (isinstance(read, ast.Call) and isinstance(default, ast.Constant)) or default.value in (None, "", 0, False):
+        return None
+    func = read.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+    keys = [a for a in read.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    return keys[0] if keys and (name.endswith("get") or name.endswith("setting")) else None
+
+
 def defaults_in_code(package: Path, keys: set[str]) -> list[str]:
-    """Config reads with a fallback value other than None: a second copy of a default that the YAML
-    already sets (or a default the YAML should set)."""
+    """Config reads with a fallback value other than None (``x.get("key", 128)``, ``x.get("key") or
+    128``): a second copy of a default that the YAML already sets (or a default the YAML should set)."""
     root = package.parent
     found = []
     for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.BoolOp):
+                key = _read_or_constant(node)
+                if key is not None and key.value in keys:
+                    found.append(f"{path.relative_to(root).as_posix()}: {ast.unparse(node)}")
+                continue
             pair = _key_and_default(node) if isinstance(node, ast.Call) else None
             if pair is None:
                 continue
@@ -196,6 +215,12 @@ NOT_CONFIG_READS = {
     "cmiexp/train/init_from.py: getattr(model, 'name_or_path', '')",  # a loaded model's attribute
     "cmiexp/train/distributed.py: getattr(plugin, 'fsdp_version', 1)",  # Accelerate's FSDP plugin
     "cmiexp/train/distributed.py: getattr(plugin.state_dict_type, 'name', str(plugin.state_dict_type))",
+    # What null means, as the YAML's comment says (not a second default): RoCoFT's head / Conv1D
+    # switches (conf/peft/rocoft.yaml), and a run config written before the head group existed.
+    "cmiexp/models/peft_methods.py: get('head') or 'full'",
+    "cmiexp/models/peft_methods.py: get('conv1d') or 'rocoft'",
+    "cmiexp/models/heads.py: optional_setting(optional_setting(cfg, 'head'), 'name') or 'pooling'",
+    "cmiexp/models/heads.py: optional_setting(optional_setting(cfg, 'model'), 'name') or '?'",  # a message
 }
 
 
@@ -210,10 +235,11 @@ def test_the_default_check_sees_a_default(tmp_path):
     pkg.mkdir()
     (pkg / "a.py").write_text("def f(cfg):\n    return cfg.task.get('max_length', 128), cfg.get('other', 1), "
                               "cfg.get('max_length'), _cfg_get(cfg, 'max_length', 64), getattr(cfg, 'max_length', 32), "
-                              "getattr(cfg, 'max_length', None)\n")
+                              "getattr(cfg, 'max_length', None), cfg.get('max_length') or 256, "
+                              "optional_setting(cfg, 'max_length') or None\n")
     assert defaults_in_code(pkg, {"max_length"}) == [
         "cmiexp/a.py: cfg.task.get('max_length', 128)", "cmiexp/a.py: _cfg_get(cfg, 'max_length', 64)",
-        "cmiexp/a.py: getattr(cfg, 'max_length', 32)"]
+        "cmiexp/a.py: getattr(cfg, 'max_length', 32)", "cmiexp/a.py: cfg.get('max_length') or 256"]
 
 
 def test_a_failed_sweep_job_survives_pickling():
