@@ -156,6 +156,8 @@ def check_settings(cfg: Mapping) -> None:
     check_group(cfg.get("peft"), "peft", PEFT_SCHEMA)
 
 
-__all__ = ["ALL_ROWS", "BELOW_ONE", "FRACTION", "HEAD_SCHEMA", "MODEL_SCHEMA", "NON_NEGATIVE", "NON_NEGATIVE_INT", "Number",
-           "PEFT_SCHEMA", "POSITIVE", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "TINY_SCHEMA", "check_group", "check_number",
-           "check_settings", "check_task", "optional_setting", "setting"]
+__all__ = [
+    "ALL_ROWS", "BELOW_ONE", "FRACTION", "HEAD_SCHEMA", "MODEL_SCHEMA", "NON_NEGATIVE", "NON_NEGATIVE_INT", "Number",
+    "PEFT_SCHEMA", "POSITIVE", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "TINY_SCHEMA", "check_group", "check_number",
+    "check_settings", "check_task", "optional_setting", "setting",
+]

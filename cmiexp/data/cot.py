@@ -140,10 +140,10 @@ class _Spec:
 _SPECS = {
     "svamp": _Spec("svamp", ("train", "test"), re.compile(r"\n\s*Q:"), "The answer is", _label_equation, "equation"),
     "cqa": _Spec("cqa", ("train", "test"), re.compile(r"\n\s*Q:"), "So the answer is", _label_choice, "text"),
-    "anli1": _Spec(
-        "anli1", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "So the answer is", _label_word, "text", pair=True
-    ),
-    "esnli": _Spec("esnli", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "Answer:", _label_word, "text", pair=True),
+    "anli1": _Spec("anli1", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "So the answer is", _label_word,
+                   "text", pair=True),
+    "esnli": _Spec("esnli", ("train", "valid", "test"), re.compile(r"\n\s*Premise:"), "Answer:", _label_word, "text",
+                   pair=True),
 }
 DATASETS = tuple(_SPECS)
 

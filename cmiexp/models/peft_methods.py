@@ -328,7 +328,8 @@ def apply_peft_config(model: nn.Module, peft_cfg) -> nn.Module:
     if name == "none":
         return model
     if name == "lora":
-        return apply_lora(model, rank=get("rank"), alpha=get("alpha"), dropout=get("dropout"), targets=_targets(peft_cfg))
+        return apply_lora(model, rank=get("rank"), alpha=get("alpha"), dropout=get("dropout"),
+                          targets=_targets(peft_cfg))
     if name == "rocoft":
         # null head / conv1d: the whole head trains / Conv1D is restricted like nn.Linear (conf/peft/rocoft.yaml)
         return apply_rocoft(model, rank=get("rank"), axis=str(get("axis")), targets=_targets(peft_cfg),
