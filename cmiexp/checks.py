@@ -82,6 +82,14 @@ def setting(node: Any, key: str, prefix: str) -> Any:
     return optional_setting(node, key)
 
 
+def check_flag(key: str, value: Any) -> bool:
+    """``value`` when it is a boolean; a ConfigError naming ``key`` otherwise (``"false"`` is a string,
+    and ``bool("false")`` would be True)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
 def check_group(group: Mapping | None, prefix: str, schema: Mapping[str, Number]) -> None:
     """Check every key of ``schema`` that ``group`` (a config node such as ``cfg.task``) holds."""
     if group is None:
@@ -139,6 +147,13 @@ PEFT_SCHEMA: dict[str, Number] = {
 }
 
 
+# The true/false settings of those groups (trust_remote_code above all: "false" as a string must
+# not switch on running a model repository's code).
+FLAGS: dict[str, tuple[str, ...]] = {
+    "task": ("with_passage", "require_train"), "model": ("trust_remote_code",), "peft": ("train_bias",),
+}
+
+
 def check_task(task: Mapping | None) -> None:
     check_group(task, "task", TASK_SCHEMA)
 
@@ -154,10 +169,15 @@ def check_settings(cfg: Mapping) -> None:
         check_group(model.get("tiny"), "model.tiny", TINY_SCHEMA)
     check_group(cfg.get("head"), "head", HEAD_SCHEMA)
     check_group(cfg.get("peft"), "peft", PEFT_SCHEMA)
+    for group, keys in FLAGS.items():
+        node = cfg.get(group)
+        for key in keys:
+            if node is not None and key in node:
+                check_flag(f"{group}.{key}", node[key])
 
 
 __all__ = [
-    "ALL_ROWS", "BELOW_ONE", "FRACTION", "HEAD_SCHEMA", "MODEL_SCHEMA", "NON_NEGATIVE", "NON_NEGATIVE_INT", "Number",
-    "PEFT_SCHEMA", "POSITIVE", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "TINY_SCHEMA", "check_group", "check_number",
+    "ALL_ROWS", "BELOW_ONE", "FLAGS", "FRACTION", "HEAD_SCHEMA", "MODEL_SCHEMA", "NON_NEGATIVE", "NON_NEGATIVE_INT", "Number",
+    "PEFT_SCHEMA", "POSITIVE", "POSITIVE_INT", "SEED", "TASK_SCHEMA", "TINY_SCHEMA", "check_flag", "check_group", "check_number",
     "check_settings", "check_task", "optional_setting", "setting",
 ]

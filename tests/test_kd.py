@@ -324,3 +324,21 @@ def test_regression_kd_end_to_end(kd_runs, tmp_path):
     cache = load_file(res["objective_summary"]["cache_file"])
     assert cache["logits"].shape == (64, 1) and torch.isfinite(cache["logits"]).all()
     assert math.isfinite(res["best"]["metrics"]["pearson"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.alpha=1.5", "objective.alpha"),
+    ("objective.temperature=0", "objective.temperature=0 must be a positive number"),
+    ("objective.teacher_cache=maybe", "objective.teacher_cache='maybe' must be true or false"),
+    ("objective.teacher=null", "objective=kd needs a teacher"),
+])
+def test_kd_settings_are_checked_before_the_teacher_is_loaded(override, message):
+    from cmiexp.objectives.kd.objective import check_kd_settings
+
+    cfg = compose_config(["objective=kd", "objective.teacher=/some/run", override])
+    with pytest.raises(ConfigError) as e:
+        check_kd_settings(cfg.objective)
+    assert message in str(e.value)
+    assert check_kd_settings(compose_config(["objective=kd", "objective.teacher=/some/run"]).objective) == (
+        pytest.approx(compose_config(["objective=kd"]).objective.alpha),
+        pytest.approx(compose_config(["objective=kd"]).objective.temperature))

@@ -299,6 +299,9 @@ def test_sweep_over_tasks_takes_task_keys_and_keeps_its_multirun_yaml(env, tmp_p
     (["peft=lora", "peft.alpha=abc"], "peft.alpha='abc' must be a finite number"),
     (["peft=lora", "peft.dropout=1.0"], "peft.dropout=1.0 must be in [0, 1)"),
     (["peft=rocoft", "peft.rank=0"], "peft.rank=0 must be >= 1"),
+    (["peft=rocoft", "peft.train_bias=nope"], "peft.train_bias='nope' must be true or false"),
+    ("model.trust_remote_code='false'", "model.trust_remote_code='false' must be true or false"),  # not True
+    (["task=cls/boolq", "task.with_passage=1"], "task.with_passage=1 must be true or false"),
     ("model.dropout=1.0", "model.dropout=1.0 must be in [0, 1), or null (keep the architecture's)"),
     # the offline tiny models' own spec (model.tiny.*)
     ("model.tiny.init_seed=abc", "model.tiny.init_seed='abc' must be an integer"),

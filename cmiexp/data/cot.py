@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cmiexp.data.safe_eval import svamp_correct
-from cmiexp.checks import ALL_ROWS, TASK_SCHEMA, check_number, optional_setting, setting
+from cmiexp.checks import ALL_ROWS, TASK_SCHEMA, check_flag, check_number, optional_setting, setting
 from cmiexp.errors import ConfigError, DataError
 
 PREDICT_PREFIX = "predict: "
@@ -396,9 +396,9 @@ def load_cot(task_cfg) -> CotData:
         valid_fraction = check_number("task.valid_fraction", setting(task_cfg, "valid_fraction", "task"),
                                       TASK_SCHEMA["valid_fraction"])
         split_seed = check_number("task.split_seed", setting(task_cfg, "split_seed", "task"), TASK_SCHEMA["split_seed"])
-    require_train = setting(task_cfg, "require_train", "task") if spec.has_valid else True
-    if not isinstance(require_train, bool):
-        raise ConfigError(f"task.require_train={require_train!r} must be true or false")
+    require_train = True  # a dataset that carves valid from train always needs train
+    if spec.has_valid:
+        require_train = check_flag("task.require_train", setting(task_cfg, "require_train", "task"))
     nli_separator = setting(task_cfg, "nli_separator", "task") if spec.pair else ""
     if not isinstance(nli_separator, str):
         raise ConfigError(f"task.nli_separator={nli_separator!r} must be a string (e.g. \"</s>\", the student's EOS)")

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cmiexp.checks import SEED, TASK_SCHEMA, check_number, optional_setting, setting
+from cmiexp.checks import SEED, TASK_SCHEMA, check_flag, check_number, optional_setting, setting
 from cmiexp.data.base import TaskData, not_utf8_error
 from cmiexp.errors import ConfigError, DataError
 
@@ -480,7 +480,7 @@ def load_hub_task(task_cfg) -> TaskData:
                           f"valid choices: {', '.join(spec.metrics)}")
     convert = spec.convert
     if spec.name == "boolq":
-        convert = functools.partial(_boolq, with_passage=bool(setting(task_cfg, "with_passage", "task")))
+        convert = functools.partial(_boolq, with_passage=check_flag("task.with_passage", setting(task_cfg, "with_passage", "task")))
 
     data_dir = optional_setting(task_cfg, "data_dir")
     if data_dir is None or str(data_dir).strip() == "":

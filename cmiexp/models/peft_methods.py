@@ -29,7 +29,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from cmiexp.checks import PEFT_SCHEMA, check_number, setting
+from cmiexp.checks import PEFT_SCHEMA, check_flag, check_number, setting
 from cmiexp.errors import ConfigError
 
 PEFT_METHODS = ("none", "lora", "rocoft")
@@ -333,7 +333,7 @@ def apply_peft_config(model: nn.Module, peft_cfg) -> nn.Module:
     if name == "rocoft":
         # null head / conv1d: the whole head trains / Conv1D is restricted like nn.Linear (conf/peft/rocoft.yaml)
         return apply_rocoft(model, rank=get("rank"), axis=str(get("axis")), targets=_targets(peft_cfg),
-                            train_bias=bool(get("train_bias")), head=str(get("head") or "full"),
+                            train_bias=check_flag("peft.train_bias", get("train_bias")), head=str(get("head") or "full"),
                             conv1d=str(get("conv1d") or "rocoft"))
     raise ConfigError(f"unknown peft.name={name!r}; valid choices: {', '.join(PEFT_METHODS)}")
 

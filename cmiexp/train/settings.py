@@ -6,8 +6,8 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from cmiexp.checks import (
-    BELOW_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Number, check_group, check_number,
-    check_settings,
+    BELOW_ONE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, SEED, Number, check_flag, check_group,
+    check_number, check_settings,
 )
 from cmiexp.errors import ConfigError
 
@@ -31,8 +31,8 @@ def check_config(cfg: DictConfig) -> None:
     t = cfg.trainer
     check_group(t, "trainer", TRAINER_SCHEMA)
     for key in BOOL_KEYS:
-        if key in t and not isinstance(t[key], bool):
-            raise ConfigError(f"trainer.{key}={t[key]!r} must be true or false")
+        if key in t:
+            check_flag(f"trainer.{key}", t[key])
     betas = t.get("adam_betas")
     if not (OmegaConf.is_list(betas) and len(betas) == 2):
         raise ConfigError(f"trainer.adam_betas={betas!r} must be a pair [beta1, beta2]")

@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from cmiexp.checks import check_flag
 from cmiexp.errors import ConfigError
 from cmiexp.objectives.base import Objective, TrainContext, objective_number, register_objective
 from cmiexp.objectives.ce import supervised_loss
@@ -45,7 +46,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     return loss, {"supervised": sup.detach(), "distill": distill.detach()}
 
 
-def _validate(cfg) -> tuple[float, float]:
+def check_kd_settings(cfg) -> tuple[float, float]:
+    """(alpha, temperature) of a KD student's ``objective`` node, after checking every setting the
+    objective reads before its teacher is loaded; ConfigError naming the key otherwise."""
     alpha = objective_number(cfg, "alpha", "kd", 0.0, 1.0)
     temp = objective_number(cfg, "temperature", "kd")
     if temp == 0:
@@ -56,6 +59,7 @@ def _validate(cfg) -> tuple[float, float]:
     if not (has_path or has_cfg):
         raise ConfigError("objective=kd needs a teacher: objective.teacher=PATH (a finished run directory or "
                           "checkpoint folder) or objective.teacher_config='{model: ..., objective: ...}'")
+    check_flag("objective.teacher_cache", cfg.get("teacher_cache"))
     return alpha, temp
 
 
@@ -67,8 +71,8 @@ class KnowledgeDistillation(Objective):
 
         from cmiexp.objectives.kd import teacher as teachers
 
-        self.alpha, self.temperature = _validate(cfg)
-        self.use_cache = bool(cfg.teacher_cache)
+        self.alpha, self.temperature = check_kd_settings(cfg)
+        self.use_cache = bool(cfg.teacher_cache)  # checked to be a boolean
         # Everything about the teacher is settled (and any error raised) before training starts.
         if cfg.get("teacher_config") is not None:
             key = "objective.teacher_config"
