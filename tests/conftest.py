@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_cli
 
 from cmiexp.resolvers import register_resolvers
 
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 GLUE_DIR = SHARED_DATA / "glue"
 COT_DIR = SHARED_DATA / "cot"
+REPO_PYTHONPATH = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
 
 
 @pytest.fixture(scope="session")
@@ -49,12 +51,45 @@ def output_dir(tmp_path) -> Path:
     return d
 
 
+def offline_env(base: dict | None = None) -> dict:
+    """The environment of every command the tests run: this process's (or ``base``), offline, unbuffered,
+    with this checkout first on PYTHONPATH."""
+    env = dict(os.environ if base is None else base)
+    env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=REPO_PYTHONPATH)
+    return env
+
+
+# The warm server's environment: this process's as it was before any test ran (a test's monkeypatch
+# or a library's os.environ.setdefault must not become what every later command is compared with).
+WARM_ENV = offline_env(dict(os.environ))
+
+
+def warm_socket() -> str | None:
+    """This worker's warm ``cmiexp`` server (started on first use; None under CMIEXP_TEST_COLD=1)."""
+    server = warm_cli.server(WARM_ENV)
+    return server.path if server else None
+
+
+def with_warm_cli(env: dict) -> dict:
+    """``env`` whose ``cmiexp`` / ``cmiexp-report`` on PATH run warm (tests/warm_cli.py)."""
+    server = warm_cli.server(WARM_ENV)
+    if server and server.bin_dir:
+        env = dict(env, PATH=os.pathsep.join([str(server.bin_dir), env.get("PATH", "")]))
+        env[warm_cli.SOCKET_ENV] = server.path
+    return env
+
+
+def command_env(cache_dir: Path, output_dir: Path) -> dict:
+    """The environment of a test's ``cmiexp`` commands: offline, this cache and output folder, warm."""
+    env = offline_env()
+    env.update(CMIEXP_CACHE_DIR=str(cache_dir), CMIEXP_OUTPUT_DIR=str(output_dir))
+    return with_warm_cli(env)
+
+
 @pytest.fixture
 def cmiexp_env(cache_dir, output_dir) -> dict:
-    env = dict(os.environ)
-    env.update(CMIEXP_CACHE_DIR=str(cache_dir), CMIEXP_OUTPUT_DIR=str(output_dir), WANDB_MODE="offline",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
+    return command_env(cache_dir, output_dir)
 
 
 def compose_config(overrides: list[str] | None = None, return_hydra_config: bool = False):
@@ -68,9 +103,12 @@ def compose_config(overrides: list[str] | None = None, return_hydra_config: bool
 
 
 def run_cli(args: list[str], env: dict, cwd: Path | None = None, timeout: int = 600, check: bool = True):
-    """Run the real ``cmiexp`` command in a subprocess (as a user would)."""
-    proc = subprocess.run([sys.executable, "-m", "cmiexp", *args], env=env, cwd=cwd or REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    """Run the real ``cmiexp`` command in a new process (as a user would; warm when the environment
+    allows, see tests/warm_cli.py)."""
+    proc = warm_cli.run_module("cmiexp", args, env, str(cwd or REPO), timeout, warm_socket())
+    if proc is None:
+        proc = subprocess.run([sys.executable, "-m", "cmiexp", *args], env=env, cwd=cwd or REPO, capture_output=True,
+                              text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"cmiexp {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -10,14 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from cmiexp.errors import ConfigError, DataError
-from tests.conftest import GLUE_DIR, compose_config, find_run_dirs, run_cli
+from tests.conftest import GLUE_DIR, command_env, compose_config, find_run_dirs, run_cli
 
 # All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
 # fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
@@ -36,10 +35,7 @@ PNGS = ("flownib_information_plane.png", "flownib_deff_by_layer.png", "flownib_o
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, cache_dir) -> dict:
     out = tmp_path_factory.mktemp("probe-outputs")
-    e = dict(os.environ)
-    e.update(CMIEXP_CACHE_DIR=str(cache_dir), CMIEXP_OUTPUT_DIR=str(out), WANDB_MODE="offline", HF_HUB_OFFLINE="1",
-             HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return e
+    return command_env(cache_dir, out)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ after the last step" really evaluates once, so the compared runs are read at the
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 from omegaconf import OmegaConf

@@ -227,7 +227,7 @@ def test_markdown_table_exact(sweep: Path):
         "- missing: bert-base-uncased / cmi_min, STS-B, seed 3: no results.json (crashed or not finished) "
         "(`runs/cmi_glue/glue/stsb/bert-base-uncased/cmi_min/seed3/.hydra/config.yaml`)" in md
     )
-    assert f"- corrupt: results.json is not valid JSON" in md and f"(`{CMI_RUN}/seed9/results.json`)" in md
+    assert "- corrupt: results.json is not valid JSON" in md and f"(`{CMI_RUN}/seed9/results.json`)" in md
 
 
 def test_csv_rows(sweep: Path):

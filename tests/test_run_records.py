@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import GLUE_DIR, REPO, compose_config, find_run_dirs, run_cli
+from tests.conftest import GLUE_DIR, REPO, command_env, compose_config, find_run_dirs, run_cli
 
 # All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
 # fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
@@ -43,10 +43,7 @@ def _results(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def env(cache_dir, tmp_path_factory) -> dict:
-    e = dict(os.environ)
-    e.update(CMIEXP_CACHE_DIR=str(cache_dir), CMIEXP_OUTPUT_DIR=str(tmp_path_factory.mktemp("records-out")),
-             WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return e
+    return command_env(cache_dir, tmp_path_factory.mktemp("records-out"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from cmiexp.errors import CmiexpError
-from cmiexp.runs import read_results, record_failure, write_results
+from cmiexp.runs import record_failure, write_results
 from cmiexp.runs.provision import CONFIG_FILE, read_spec
 
 

@@ -22,7 +22,7 @@ import torch
 
 from cmiexp.errors import DataError
 from cmiexp.io import atomic_write_json
-from cmiexp.models.heads import MODEL_INPUT_KEYS, model_input_keys
+from cmiexp.models.heads import MODEL_INPUT_KEYS
 from cmiexp.objectives.kd.teacher import TeacherInfo
 from cmiexp.runs.lock import waiting_lock
 

@@ -1,0 +1,97 @@
+"""The warm command runner of the test suite (tests/warm_cli.py) behaves as a new process would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import warm_cli
+
+from tests.conftest import REPO, WARM_ENV, run_cli, warm_socket
+
+PROBE = r'''
+import json, os, sys
+import numpy
+print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("CMIEXP_PROBE"),
+                  "tty": sys.stdout.isatty(), "draw": float(numpy.random.random()),
+                  "preloaded_cmiexp": any(m == "cmiexp" or m.startswith("cmiexp.") for m in sys.modules)}))
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+'''
+
+
+def _cold(module, args, env, cwd):
+    return subprocess.run([sys.executable, "-m", module, *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def test_a_warm_child_sees_what_a_new_process_sees(tmp_path):
+    (tmp_path / "probe_mod.py").write_text(PROBE)
+    env = dict(WARM_ENV, CMIEXP_PROBE="x y", WANDB_PROBE="1")
+    warm = [warm_cli.run_module("probe_mod", ["3", "a b"], env, str(tmp_path), 60, warm_socket()) for _ in range(2)]
+    cold = _cold("probe_mod", ["3", "a b"], env, tmp_path)
+    assert all(w is not None for w in warm), "the warm server refused the environment it was started with"
+    got, want = [json.loads(w.stdout) for w in warm], json.loads(cold.stdout)
+    for g in got:
+        assert g["draw"] != want["draw"]
+        for key in ("argv", "cwd", "path0", "probe", "tty", "preloaded_cmiexp"):
+            assert g[key] == want[key], key
+    assert not want["preloaded_cmiexp"]
+    assert got[0]["draw"] != got[1]["draw"]  # numpy's global generator is reseeded in every child
+    assert [w.returncode for w in warm] == [cold.returncode] * 2 == [3, 3]
+    assert [w.stderr for w in warm] == [cold.stderr] * 2
+
+
+@pytest.mark.parametrize("key", ["HF_HOME", "OMP_NUM_THREADS", "PYTHONPATH"])
+def test_an_environment_read_at_import_time_runs_cold(tmp_path, key):
+    (tmp_path / "probe_mod.py").write_text(PROBE)
+    env = dict(WARM_ENV, **{key: str(tmp_path)})
+    assert warm_cli.run_module("probe_mod", ["0"], env, str(tmp_path), 60, warm_socket()) is None
+    assert warm_cli.cold_reason(env, WARM_ENV) == f"environment differs in {key}"
+
+
+def test_variables_the_preloaded_imports_set_do_not_make_a_command_cold():
+    base, added = {"A": "1"}, {"KMP_INIT_AT_FORK": "FALSE"}
+    assert warm_cli.cold_reason({"A": "1", "KMP_INIT_AT_FORK": "FALSE"}, base, added) is None
+    assert warm_cli.cold_reason({"A": "1"}, base, added) is None
+    assert warm_cli.cold_reason({"A": "1", "KMP_INIT_AT_FORK": "TRUE"}, base, added) == \
+        "environment differs in KMP_INIT_AT_FORK"
+    assert warm_cli.cold_reason({"A": "2", "CMIEXP_X": "y", "PATH": "/bin"}, base, added) == "environment differs in A"
+
+
+def test_run_cli_and_the_shim_give_the_real_commands_exit_codes_and_output(cmiexp_env, tmp_path):
+    assert cmiexp_env[warm_cli.SOCKET_ENV] and (warm_cli.server(WARM_ENV).bin_dir / "cmiexp").exists()
+    bad = run_cli(["trainer.epochs=banana"], cmiexp_env, check=False)
+    cold_env = dict(cmiexp_env, **{warm_cli.COLD_ENV: "1"})
+    cold = subprocess.run([sys.executable, "-m", "cmiexp", "trainer.epochs=banana"], env=cold_env, cwd=REPO,
+                          capture_output=True, text=True)
+    assert bad.returncode == cold.returncode == 1 and bad.stdout == cold.stdout and bad.stderr == cold.stderr
+    shim = subprocess.run(["bash", "-c", "command -v cmiexp && cmiexp-report --help"], env=cmiexp_env,
+                          capture_output=True, text=True)
+    real = subprocess.run([os.path.join(os.path.dirname(sys.executable), "cmiexp-report"), "--help"], env=cold_env,
+                          capture_output=True, text=True)
+    assert shim.returncode == real.returncode == 0
+    first, _, rest = shim.stdout.partition("\n")
+    assert first == str(warm_cli.server(WARM_ENV).bin_dir / "cmiexp") and rest == real.stdout
+
+
+def test_the_shim_forwards_sigterm_and_exits_as_the_command_does(cmiexp_env, output_dir):
+    """SIGTERM to the shim reaches the run, which saves its checkpoint and exits 143, as it does cold."""
+    proc = subprocess.Popen(["cmiexp", "task.max_train_samples=256", "task.max_length=16", "trainer.epochs=50",
+                             "trainer.save_every=2", "trainer.progress_bar=false"], env=cmiexp_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(output_dir.rglob("checkpoint/latest/trainer_state.json")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "checkpoint saved" in err
+    (run_dir,) = [p.parent for p in output_dir.rglob("results.json")]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"

@@ -1,0 +1,342 @@
+"""A warm ``cmiexp`` for the test suite: the real command in a new process, without re-importing torch.
+
+Most end-to-end tests start the real command in a new process, as a user would, and on two cores about
+4-5 s of every start is importing torch, transformers, datasets, scikit-learn and scipy. This module
+keeps one server process per pytest worker that has imported those third-party libraries once (never
+cmiexp itself) and forks a fresh child for each command. The child takes the command's argv,
+environment, working directory and file descriptors (stdin/stdout/stderr are the caller's own, passed
+over a Unix socket), imports cmiexp, runs the entry point and exits as the command would; the caller
+sees the same exit status, output and signals (a shim forwards SIGTERM/SIGINT/SIGHUP).
+
+What a fork cannot change is what the preloaded libraries read when they were imported, so a command
+whose environment differs from the server's in any variable outside RUNTIME_KEYS / RUNTIME_PREFIXES
+(HF_*, OMP_*, PYTHONPATH, MPL*, ...) runs cold, as a real new process. ``CMIEXP_TEST_COLD=1`` runs every
+command cold (the suite then takes several minutes longer); the results must be the same.
+
+Used by ``conftest.run_cli`` directly and, through ``cmiexp`` / ``cmiexp-report`` shims put first on
+PATH, by the shell scripts and documented commands the tests run.
+
+This file is run as the server (``python warm_cli.py SOCKET``) and imported by the tests and shims, so
+it imports only the standard library at module level.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+COLD_ENV = "CMIEXP_TEST_COLD"
+SOCKET_ENV = "CMIEXP_TEST_WARM_SOCKET"
+ENTRY_POINTS = {"cmiexp": "cmiexp.cli:main", "cmiexp-report": "cmiexp.report:main"}
+
+# Variables nothing preloaded reads at import time: they may differ between the server and a command.
+RUNTIME_PREFIXES = ("CMIEXP_", "WANDB_", "PYTEST_")
+RUNTIME_KEYS = frozenset({"PATH", "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "TERM", "NO_COLOR",
+                          "FORCE_COLOR"})
+
+# Imported once by the server (import only: nothing computes, so no thread pool exists at fork time).
+PRELOAD = ("numpy", "torch", "transformers", "transformers.modeling_utils", "transformers.masking_utils",
+           "transformers.activations", "transformers.generation", "transformers.trainer_utils",
+           "transformers.models.bert.modeling_bert",
+           "transformers.models.distilbert.modeling_distilbert", "transformers.models.roberta.modeling_roberta",
+           "transformers.models.gpt2.modeling_gpt2", "transformers.models.t5.modeling_t5", "datasets",
+           "accelerate", "sklearn.metrics", "scipy.stats", "scipy.special", "scipy.spatial", "pandas",
+           "omegaconf", "hydra", "matplotlib.figure", "matplotlib.backends.backend_agg")
+
+MAX_MESSAGE = 1 << 20
+START_TIMEOUT_S = 180
+
+
+def cold_reason(env: dict, base: dict, added: dict | None = None) -> str | None:
+    """Why a command with ``env`` cannot run in a child of a server started with ``base`` whose imports
+    then set ``added`` (None: it can). A variable the imports set is fine unset or at the same value
+    (the command's environment was copied from a process that had imported them too)."""
+    added = added or {}
+    differ = sorted(k for k in set(env) | set(base) if env.get(k) != base.get(k)
+                    and not (k in added and env.get(k, added[k]) == added[k])
+                    and k not in RUNTIME_KEYS and not k.startswith(RUNTIME_PREFIXES))
+    return f"environment differs in {', '.join(differ)}" if differ else None
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+def _send(conn: socket.socket, obj: dict) -> None:
+    conn.send(json.dumps(obj).encode())
+
+
+def _reopen_stdio(unbuffered: bool) -> None:
+    """New sys.std* objects on fds 0-2, buffered as a fresh interpreter would buffer them."""
+    def text_out(fd, errors):
+        tty = os.isatty(fd)
+        if unbuffered:
+            import io
+            return io.TextIOWrapper(open(fd, "wb", buffering=0, closefd=False), encoding="utf-8", errors=errors,
+                                    write_through=True)
+        return open(fd, "w", buffering=1 if tty else -1, encoding="utf-8", errors=errors, closefd=False)
+
+    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
+    sys.stdout = sys.__stdout__ = text_out(1, "strict")
+    sys.stderr = sys.__stderr__ = text_out(2, "backslashreplace")
+
+
+def _run_command(req: dict, fds: list[int]) -> None:
+    """In the forked child: become the command and run it. Never returns; exits through SystemExit."""
+    for signum in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGPIPE else signal.SIG_IGN)
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(req["cwd"])
+    os.umask(req["umask"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    _reopen_stdio(bool(req["env"].get("PYTHONUNBUFFERED")))
+    try:  # a fresh interpreter seeds numpy's global generator from the OS; a fork would share the server's
+        import numpy
+        numpy.random.seed()
+    except ImportError:
+        pass
+    if req["mode"] == "module":  # python -m NAME: sys.path[0] is the working directory
+        import runpy
+        sys.path[0] = os.getcwd()
+        sys.argv = [req["module"], *req["args"]]
+        runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
+        raise SystemExit(0)
+    # a console script: sys.path[0] is the script's folder, sys.argv[0] its path
+    import importlib
+    sys.path[0] = str(Path(req["argv0"]).parent)
+    sys.argv = [req["argv0"], *req["args"]]
+    module, func = ENTRY_POINTS[req["name"]].split(":")
+    raise SystemExit(getattr(importlib.import_module(module), func)())
+
+
+def _handle(conn: socket.socket, base: dict, added: dict) -> None:
+    """In a forked handler: read one request, fork the command, report its pid then its wait status.
+    Never returns (the handler exits here; only the command's child leaves, through SystemExit)."""
+    try:
+        msg, fds, _, _ = socket.recv_fds(conn, MAX_MESSAGE, 3)
+        if not msg:  # a connection probe
+            os._exit(0)
+        req = json.loads(msg)
+        reason = cold_reason(req["env"], base, added)
+        print(f"{'cold' if reason else 'warm'}: {req.get('module') or req.get('name')} {req['args'][:6]} {reason or ''}",
+              flush=True)
+        if reason or len(fds) != 3:
+            _send(conn, {"cold": reason or "expected three file descriptors"})
+            os._exit(0)
+        # what the preloaded imports put into the environment, a fresh process would have too
+        req["env"] = {**added, **req["env"]}
+        pid = os.fork()
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    if pid == 0:
+        conn.close()
+        _run_command(req, fds)
+    try:
+        for fd in fds:
+            os.close(fd)
+        _send(conn, {"pid": pid})
+        _, status = os.waitpid(pid, 0)
+        _send(conn, {"status": status})
+    finally:
+        os._exit(0)
+
+
+def serve(path: str) -> None:
+    import importlib
+    base = dict(os.environ)
+    for name in PRELOAD:
+        importlib.import_module(name)
+    added = {k: v for k, v in os.environ.items() if k not in base}
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    lsock.bind(path)
+    lsock.listen(16)
+    while True:  # until the pytest worker that started us closes our stdin (or dies)
+        ready, _, _ = select.select([lsock, sys.stdin], [], [])
+        while True:  # reap finished handlers
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
+            return
+        if lsock in ready:
+            conn, _ = lsock.accept()
+            if os.fork() == 0:
+                lsock.close()
+                _handle(conn, base, added)
+            conn.close()
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+class Server:
+    """The warm server of this pytest worker: started on first use, stopped at exit."""
+
+    def __init__(self, base_env: dict):
+        self.dir = Path(tempfile.mkdtemp(prefix="cmiexp-warm-"))
+        self.path = str(self.dir / "sock")
+        self.base_env = dict(base_env)
+        self.bin_dir = self.dir / "bin" if write_shims(self.dir / "bin") else None
+        self.log = open(self.dir / "server.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path], env=self.base_env, stdin=subprocess.PIPE,
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.connectable():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.log.flush()
+                raise RuntimeError(f"the warm cmiexp server did not start:\n{(self.dir / 'server.log').read_text()}")
+            time.sleep(0.1)
+
+    def connectable(self) -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+                s.connect(self.path)
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+        if not os.environ.get("CMIEXP_TEST_WARM_KEEP"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_server: Server | None = None
+
+
+def server(base_env: dict) -> Server | None:
+    """This process's server, started on first use with ``base_env``; None under CMIEXP_TEST_COLD=1.
+    (One per process: the tests import conftest under two names, this module under one.)"""
+    global _server
+    if os.environ.get(COLD_ENV):
+        return None
+    if _server is None:
+        _server = Server(base_env)
+        atexit.register(_server.stop)
+    return _server
+
+
+def start(req: dict, fds: list[int], path: str | None) -> tuple[socket.socket, int] | None:
+    """Send a command to the server at ``path``; (connection, child pid), or None when it must run cold."""
+    if not path or os.environ.get(COLD_ENV) or req["env"].get(COLD_ENV):
+        return None
+    req["umask"] = os.umask(0o022)
+    os.umask(req["umask"])
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        conn.connect(path)
+        socket.send_fds(conn, [json.dumps(req).encode()], fds)
+        reply = json.loads(conn.recv(MAX_MESSAGE))
+    except OSError:
+        conn.close()
+        return None
+    if "pid" not in reply:
+        conn.close()
+        return None
+    return conn, reply["pid"]
+
+
+def wait_status(conn: socket.socket, timeout: float | None = None) -> int:
+    """The command's wait status (as os.waitpid gives it); socket.timeout when it runs past ``timeout``."""
+    conn.settimeout(timeout)
+    while True:
+        try:
+            return json.loads(conn.recv(MAX_MESSAGE))["status"]
+        except InterruptedError:
+            continue
+
+
+def run_module(module: str, args: list[str], env: dict, cwd: str, timeout: float, path: str | None):
+    """``python -m MODULE ARGS`` with captured output, warm when possible: a CompletedProcess, or None
+    when the command must run cold (the caller then runs it as a real subprocess)."""
+    with open(os.devnull, "rb") as null, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        req = {"mode": "module", "module": module, "args": list(args), "env": dict(env), "cwd": str(cwd)}
+        started = start(req, [null.fileno(), out.fileno(), err.fileno()], path)
+        if started is None:
+            return None
+        conn, pid = started
+        cmd = [sys.executable, "-m", module, *args]
+        with conn:
+            try:
+                status = wait_status(conn, timeout)
+            except socket.timeout:
+                os.kill(pid, signal.SIGKILL)
+                wait_status(conn, 60)
+                out.seek(0), err.seek(0)
+                raise subprocess.TimeoutExpired(cmd, timeout, out.read().decode(errors="replace"),
+                                                err.read().decode(errors="replace"))
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
+
+
+SHIM = """#!{python}
+# Test shim for `{name}` (tests/warm_cli.py): runs the real entry point in a warm fork, else execs {real}.
+import sys
+sys.path.insert(0, {tests!r})
+from warm_cli import shim_main
+shim_main({name!r}, {real!r})
+"""
+
+
+def write_shims(bin_dir: Path) -> bool:
+    """``cmiexp`` and ``cmiexp-report`` shims in ``bin_dir``; False when the real scripts are not installed."""
+    real_dir = Path(sys.executable).parent
+    if not all((real_dir / name).exists() for name in ENTRY_POINTS):
+        return False
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for name in ENTRY_POINTS:
+        shim = bin_dir / name
+        shim.write_text(SHIM.format(python=sys.executable, name=name, real=str(real_dir / name),
+                                    tests=str(Path(__file__).parent)))
+        shim.chmod(0o755)
+    return True
+
+
+def shim_main(name: str, real: str) -> None:
+    """The shim's body: run ``name`` warm with this process's own stdin/stdout/stderr, else exec the real one."""
+    req = {"mode": "script", "name": name, "argv0": real, "args": sys.argv[1:], "env": dict(os.environ),
+           "cwd": os.getcwd()}
+    started = start(req, [0, 1, 2], os.environ.get(SOCKET_ENV))
+    if started is None:
+        os.execv(real, [real, *sys.argv[1:]])
+    conn, pid = started
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    status = wait_status(conn)
+    if os.WIFSIGNALED(status):  # die of the same signal, as the caller would see the real command die
+        sig = os.WTERMSIG(status)
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    sys.exit(os.waitstatus_to_exitcode(status))
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
