@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 import warm_cli
+import yaml
 from filelock import FileLock
 
 from tests.conftest import REPO, offline_env, with_warm_cli
@@ -47,8 +48,22 @@ CMIEXP_REDUCTION = ["trainer.max_steps=2", "task.max_train_samples=64", "task.ma
                     "task.max_length=32", "trainer.progress_bar=false"]
 CHEAP_CMIEXP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--dry-run"}
 AS_WRITTEN = {"cmiexp-report", "grep", "find", "ls", "cat", "head", "tail", "wc", "test"}
-# objective=flownib probes train critics, not the model: fewer critic steps on fewer rows.
+# objective=flownib probes (or an experiment overlay that selects it) train critics, not the model:
+# fewer critic steps on fewer rows.
 PROBE_REDUCTION = ["objective.steps=30", "objective.max_samples=128"]
+
+
+def is_probe(args: list[str]) -> bool:
+    """Whether a cmiexp command probes: objective=flownib, or experiment=X whose overlay selects it."""
+    if "objective=flownib" in args:
+        return True
+    for a in args:
+        if a.startswith("experiment="):
+            overlay = REPO / "conf" / "experiment" / f"{a.split('=', 1)[1]}.yaml"
+            defaults = (yaml.safe_load(overlay.read_text()) or {}).get("defaults", []) if overlay.is_file() else []
+            if any(isinstance(d, dict) and d.get("override /objective") == "flownib" for d in defaults):
+                return True
+    return False
 COMMAND_TIMEOUT_S = 300
 
 
@@ -192,7 +207,7 @@ def reduce_segment(seg: str) -> tuple[str, str]:
     if prog == "cmiexp":
         if CHEAP_CMIEXP_FLAGS & set(args):
             return "run", seg
-        return "run", plus(CMIEXP_REDUCTION + (PROBE_REDUCTION if "objective=flownib" in args else []))
+        return "run", plus(CMIEXP_REDUCTION + (PROBE_REDUCTION if is_probe(args) else []))
     if prog in AS_WRITTEN:
         return "run", seg
     if re.fullmatch(r"(\./)?scripts/reproduce_\w+\.sh", prog):
@@ -416,6 +431,11 @@ def test_reduction_rules():
     # globs and $(...) stay as written, for the shell to expand
     line, _ = reduce_command(DocCommand("R", 1, "cmiexp trainer.init_from=out/seed1-*  # a run"), ci)
     assert line == "cmiexp trainer.init_from=out/seed1-* " + " ".join(CMIEXP_REDUCTION)
+    # a probe selected by its experiment overlay gets the probe reduction too; a training overlay does not
+    line, _ = reduce_command(DocCommand("R", 1, "cmiexp experiment=flownib_probe_mini seed=1"), ci)
+    assert line == "cmiexp experiment=flownib_probe_mini seed=1 " + " ".join(CMIEXP_REDUCTION + PROBE_REDUCTION)
+    line, _ = reduce_command(DocCommand("R", 1, "cmiexp experiment=flownib_mini"), ci)
+    assert line == "cmiexp experiment=flownib_mini " + " ".join(CMIEXP_REDUCTION)
 
 
 def test_a_broken_command_fails(tmp_path):
