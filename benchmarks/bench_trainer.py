@@ -6,7 +6,9 @@ of issue 16's goals. Everything is measured in this one invocation; nothing is h
     python benchmarks/bench_trainer.py --quick         # a CI-sized run (tests/test_benchmarks.py)
     python benchmarks/bench_trainer.py --model bert-base-uncased --samples 20000 --batch 32   # on a GPU
 
-Each measurement runs in its own process (fresh peak-memory counters). The configurations are run
+Each measurement runs in its own process (fresh peak-memory counters), started as `python -m cmiexp`
+with this interpreter, or as $CMIEXP when it is set (the scripts' convention, e.g. CMIEXP=cmiexp or a
+launcher prefix); only the training loop is timed, so how the process starts does not enter a ratio. The configurations are run
 in interleaved repeats (HF, ce, cmi_min, ..., then again), so load from other users of the machine
 falls on all of them alike; the table shows medians and every ratio is the median of the ratios
 within a repeat. Both trainers use the same model files, data, batch size, precision, learning rate,
@@ -23,6 +25,7 @@ import argparse
 import json
 import statistics
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -69,10 +72,15 @@ def cmiexp_args(a, extra: list[str]) -> list[str]:
             "trainer.progress_bar=false", "trainer.checkpoint_retention=none", f"seed={a.seed}", *extra]
 
 
+def cmiexp_command() -> list[str]:
+    """How a measured run is started: $CMIEXP (as in scripts/lib/args.sh), else this Python's -m cmiexp."""
+    return shlex.split(os.environ["CMIEXP"]) if os.environ.get("CMIEXP") else [sys.executable, "-m", "cmiexp"]
+
+
 def run_cmiexp(name: str, extra: list[str], a, out: Path, cache: Path) -> dict:
     env = dict(os.environ, CMIEXP_OUTPUT_DIR=str(out), CMIEXP_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "cmiexp", *cmiexp_args(a, extra)]
+    cmd = [*cmiexp_command(), *cmiexp_args(a, extra)]
     t = time.time()
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, offline_env, with_warm_cli
 
 
-def _run(args, timeout=600):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+def _run(args, timeout=600, env=None):
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -144,7 +144,8 @@ def test_gpu_check_cpu_smoke_prints_one_table_with_finite_numbers(tmp_path):
 
 @pytest.mark.slow
 def test_bench_trainer_quick_prints_every_config_and_the_goal_ratios():
-    out = _run(["benchmarks/bench_trainer.py", "--quick"])
+    # Its cmiexp processes start warm (tests/warm_cli.py; the benchmark times only the training loop).
+    out = _run(["benchmarks/bench_trainer.py", "--quick"], env=dict(with_warm_cli(offline_env()), CMIEXP="cmiexp"))
     assert "machine: " in out and "repeats=1" in out
     table = {}
     for line in out.splitlines():

@@ -41,7 +41,7 @@ SOCKET_ENV = "CMIEXP_TEST_WARM_SOCKET"
 ENTRY_POINTS = {"cmiexp": "cmiexp.cli:main", "cmiexp-report": "cmiexp.report:main"}
 
 # Variables nothing preloaded reads at import time: they may differ between the server and a command.
-RUNTIME_PREFIXES = ("CMIEXP_", "WANDB_", "PYTEST_")
+RUNTIME_PREFIXES = ("CMIEXP", "WANDB_", "PYTEST_")  # CMIEXP, CMIEXP_REPORT: the scripts' command overrides
 RUNTIME_KEYS = frozenset({"PATH", "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "TERM", "NO_COLOR",
                           "FORCE_COLOR"})
 
