@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Tiny models on a 2-core machine run much faster single-threaded (and never oversubscribe the
@@ -78,6 +79,20 @@ def with_warm_cli(env: dict) -> dict:
         env = dict(env, PATH=os.pathsep.join([str(server.bin_dir), env.get("PATH", "")]))
         env[warm_cli.SOCKET_ENV] = server.path
     return env
+
+
+@contextlib.contextmanager
+def warm_children():
+    """While open, the runs an in-process ``run_experiment`` provisions in a child process (KD teachers,
+    MCMI starting models: ``sys.executable -m cmiexp.train.run_resolved``) start warm."""
+    server = warm_cli.server(WARM_ENV)
+    with pytest.MonkeyPatch.context() as mp:
+        if server and server.python_shim:
+            mp.setattr(sys, "executable", str(server.python_shim))
+            mp.setenv(warm_cli.SOCKET_ENV, server.path)
+            for key in ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # as every test command runs
+                mp.setenv(key, WARM_ENV[key])
+        yield
 
 
 def command_env(cache_dir: Path, output_dir: Path) -> dict:

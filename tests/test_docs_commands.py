@@ -289,17 +289,18 @@ def execute(cmds: list[DocCommand], root: Path) -> dict[str, dict]:
     """Run every command in order in one workspace; a record per command id."""
     work = make_workspace(root)
     env, ci, results = command_env(root), ci_commands(), {}
-    # The README's commands (set-up and quick start: a new user's first hour) run cold, as the installed
-    # console scripts; the other documents' commands run warm (tests/warm_cli.py).
+    # The README's set-up command (a new user's first one) runs cold, as the installed console script;
+    # every other command runs warm (tests/warm_cli.py).
     cold = dict(env, **{warm_cli.COLD_ENV: "1"})
+    first_readme = next((c.id for c in cmds if c.file == "README.md"), None)
     for cmd in cmds:
         line, problems = reduce_command(cmd, ci)
         rec = {"command": cmd.text, "ran": line, "problems": problems, "rc": None, "output": "", "seconds": 0.0}
         t0 = time.monotonic()
         if line is not None:
             try:
-                p = subprocess.run(["bash", "-c", line], cwd=work, env=cold if cmd.file == "README.md" else env, capture_output=True, text=True,
-                                   timeout=COMMAND_TIMEOUT_S)
+                p = subprocess.run(["bash", "-c", line], cwd=work, env=cold if cmd.id == first_readme else env,
+                                   capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
                 rec.update(rc=p.returncode, stdout=p.stdout, output=(p.stdout + p.stderr)[-4000:])
             except subprocess.TimeoutExpired:
                 rec.update(rc=124, output=f"timed out after {COMMAND_TIMEOUT_S}s")

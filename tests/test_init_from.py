@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cmiexp.errors import ConfigError
-from tests.conftest import GLUE_DIR, compose_config
+from tests.conftest import GLUE_DIR, compose_config, warm_children
 
 # All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
 # fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
@@ -115,7 +115,8 @@ def sst2_runs(tmp_path_factory, cache_dir):
     common = [*SST2, f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}"]
     try:
         runs = {"out": out, "common": common}
-        runs["mcmi"] = run_experiment(compose_config([*common, "objective=mcmi", "objective.lam=1.0"]), out / "mcmi")
+        with warm_children():  # mcmi trains its CE starting model in a child process
+            runs["mcmi"] = run_experiment(compose_config([*common, "objective=mcmi", "objective.lam=1.0"]), out / "mcmi")
         runs["log"] = list(handler.lines)
         runs["A_dir"] = Path(runs["mcmi"]["init_from"])
         runs["A"] = json.loads((runs["A_dir"] / "results.json").read_text())

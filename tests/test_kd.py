@@ -14,7 +14,7 @@ import torch
 
 from cmiexp.errors import ConfigError, DataError
 from cmiexp.objectives.kd import kd_loss
-from tests.conftest import GLUE_DIR, compose_config, run_cli
+from tests.conftest import GLUE_DIR, compose_config, run_cli, warm_children
 
 # All of this module's tests on one xdist worker (pyproject: --dist loadgroup): its module-scoped
 # fixtures (trained runs) are built once, not once on each worker that draws one of its tests.
@@ -216,7 +216,8 @@ def kd_runs(tmp_path_factory, cache_dir):
               f"paths.cache_dir={cache_dir}"]
     try:
         runs = {"out": out}
-        runs["cached0"] = run_experiment(compose_config([*common, TEACHER_CFG, "seed=0"]), out / "cached0")
+        with warm_children():
+            runs["cached0"] = run_experiment(compose_config([*common, TEACHER_CFG, "seed=0"]), out / "cached0")
         teacher = Path(runs["cached0"]["objective_summary"]["teacher"]["dir"])
         cache = Path(runs["cached0"]["objective_summary"]["cache_file"])
         runs["teacher"], runs["cache"] = teacher, cache

@@ -14,7 +14,9 @@ whose environment differs from the server's in any variable outside RUNTIME_KEYS
 command cold (the suite then takes several minutes longer); the results must be the same.
 
 Used by ``conftest.run_cli`` directly and, through ``cmiexp`` / ``cmiexp-report`` shims put first on
-PATH, by the shell scripts and documented commands the tests run.
+PATH, by the shell scripts and documented commands the tests run. A warm child's ``sys.executable`` is a
+Python shim, so the runs cmiexp provisions in a child process (``python -m cmiexp.train.run_resolved``:
+KD teachers, MCMI starting models) start warm too; every other use of that shim execs the real Python.
 
 This file is run as the server (``python warm_cli.py SOCKET``) and imported by the tests and shims, so
 it imports only the standard library at module level.
@@ -90,7 +92,7 @@ def _reopen_stdio(unbuffered: bool) -> None:
     sys.stderr = sys.__stderr__ = text_out(2, "backslashreplace")
 
 
-def _run_command(req: dict, fds: list[int]) -> None:
+def _run_command(req: dict, fds: list[int], python_shim: str | None) -> None:
     """In the forked child: become the command and run it. Never returns; exits through SystemExit."""
     for signum in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL if signum != signal.SIGPIPE else signal.SIG_IGN)
@@ -102,6 +104,8 @@ def _run_command(req: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(req["env"])
     _reopen_stdio(bool(req["env"].get("PYTHONUNBUFFERED")))
+    if python_shim and req["env"].get(SOCKET_ENV):  # the processes it starts with sys.executable start warm too
+        sys.executable = python_shim
     try:  # a fresh interpreter seeds numpy's global generator from the OS; a fork would share the server's
         import numpy
         numpy.random.seed()
@@ -121,7 +125,7 @@ def _run_command(req: dict, fds: list[int]) -> None:
     raise SystemExit(getattr(importlib.import_module(module), func)())
 
 
-def _handle(conn: socket.socket, base: dict, added: dict) -> None:
+def _handle(conn: socket.socket, base: dict, added: dict, python_shim: str | None) -> None:
     """In a forked handler: read one request, fork the command, report its pid then its wait status.
     Never returns (the handler exits here; only the command's child leaves, through SystemExit)."""
     try:
@@ -143,7 +147,7 @@ def _handle(conn: socket.socket, base: dict, added: dict) -> None:
         os._exit(1)
     if pid == 0:
         conn.close()
-        _run_command(req, fds)
+        _run_command(req, fds, python_shim)
     try:
         for fd in fds:
             os.close(fd)
@@ -154,7 +158,7 @@ def _handle(conn: socket.socket, base: dict, added: dict) -> None:
         os._exit(0)
 
 
-def serve(path: str) -> None:
+def serve(path: str, python_shim: str | None = None) -> None:
     import importlib
     base = dict(os.environ)
     for name in PRELOAD:
@@ -177,7 +181,7 @@ def serve(path: str) -> None:
             conn, _ = lsock.accept()
             if os.fork() == 0:
                 lsock.close()
-                _handle(conn, base, added)
+                _handle(conn, base, added, python_shim)
             conn.close()
 
 
@@ -191,8 +195,10 @@ class Server:
         self.path = str(self.dir / "sock")
         self.base_env = dict(base_env)
         self.bin_dir = self.dir / "bin" if write_shims(self.dir / "bin") else None
+        self.python_shim = self.dir / "py" / PYTHON_SHIM if self.bin_dir else None
         self.log = open(self.dir / "server.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, __file__, self.path], env=self.base_env, stdin=subprocess.PIPE,
+        shim = [str(self.python_shim)] if self.python_shim else []
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path, *shim], env=self.base_env, stdin=subprocess.PIPE,
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.connectable():
@@ -291,35 +297,33 @@ def run_module(module: str, args: list[str], env: dict, cwd: str, timeout: float
 
 
 SHIM = """#!{python}
-# Test shim for `{name}` (tests/warm_cli.py): runs the real entry point in a warm fork, else execs {real}.
+# Test shim for `{name}` (tests/warm_cli.py): runs it in a warm fork when it can, else execs {real}.
 import sys
 sys.path.insert(0, {tests!r})
-from warm_cli import shim_main
-shim_main({name!r}, {real!r})
+from warm_cli import {main}
+{main}({name!r}, {real!r})
 """
+PYTHON_SHIM = "python-warm"
 
 
 def write_shims(bin_dir: Path) -> bool:
-    """``cmiexp`` and ``cmiexp-report`` shims in ``bin_dir``; False when the real scripts are not installed."""
+    """``cmiexp`` and ``cmiexp-report`` shims in ``bin_dir`` (and, in ``bin_dir/../py``, the interpreter
+    the warm children see as ``sys.executable``); False when the real scripts are not installed."""
     real_dir = Path(sys.executable).parent
     if not all((real_dir / name).exists() for name in ENTRY_POINTS):
         return False
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    for name in ENTRY_POINTS:
-        shim = bin_dir / name
-        shim.write_text(SHIM.format(python=sys.executable, name=name, real=str(real_dir / name),
-                                    tests=str(Path(__file__).parent)))
-        shim.chmod(0o755)
+    tests = str(Path(__file__).parent)
+    shims = [(bin_dir / name, name, str(real_dir / name), "shim_main") for name in ENTRY_POINTS]
+    shims.append((bin_dir.parent / "py" / PYTHON_SHIM, "python", sys.executable, "python_shim_main"))
+    for path, name, real, main in shims:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(SHIM.format(python=sys.executable, name=name, real=real, tests=tests, main=main))
+        path.chmod(0o755)
     return True
 
 
-def shim_main(name: str, real: str) -> None:
-    """The shim's body: run ``name`` warm with this process's own stdin/stdout/stderr, else exec the real one."""
-    req = {"mode": "script", "name": name, "argv0": real, "args": sys.argv[1:], "env": dict(os.environ),
-           "cwd": os.getcwd()}
-    started = start(req, [0, 1, 2], os.environ.get(SOCKET_ENV))
-    if started is None:
-        os.execv(real, [real, *sys.argv[1:]])
+def _become(started: tuple[socket.socket, int]) -> None:
+    """Forward signals to the warm child, wait for it, and exit as it did."""
     conn, pid = started
 
     def forward(signum, _frame):
@@ -338,5 +342,29 @@ def shim_main(name: str, real: str) -> None:
     sys.exit(os.waitstatus_to_exitcode(status))
 
 
+def shim_main(name: str, real: str) -> None:
+    """A console-script shim: run ``name`` warm with this process's own stdin/stdout/stderr, else exec
+    the real script."""
+    req = {"mode": "script", "name": name, "argv0": real, "args": sys.argv[1:], "env": dict(os.environ),
+           "cwd": os.getcwd()}
+    started = start(req, [0, 1, 2], os.environ.get(SOCKET_ENV))
+    if started is None:
+        os.execv(real, [real, *sys.argv[1:]])
+    _become(started)
+
+
+def python_shim_main(_name: str, real: str) -> None:
+    """The warm children's ``sys.executable``: ``-m MODULE ARGS`` (how cmiexp starts the runs it
+    provisions, KD teachers and MCMI starting models) runs warm; anything else execs the real Python."""
+    argv = sys.argv[1:]
+    started = None
+    if len(argv) >= 2 and argv[0] == "-m":
+        req = {"mode": "module", "module": argv[1], "args": argv[2:], "env": dict(os.environ), "cwd": os.getcwd()}
+        started = start(req, [0, 1, 2], os.environ.get(SOCKET_ENV))
+    if started is None:
+        os.execv(real, [real, *argv])
+    _become(started)
+
+
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    serve(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
