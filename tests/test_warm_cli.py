@@ -95,3 +95,14 @@ def test_the_shim_forwards_sigterm_and_exits_as_the_command_does(cmiexp_env, out
     assert "checkpoint saved" in err
     (run_dir,) = [p.parent for p in output_dir.rglob("results.json")]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "interrupted"
+
+
+def test_a_server_that_does_not_start_in_time_is_killed_and_says_so(monkeypatch):
+    """(warm_cli.server then warns and runs every command of the worker cold.)"""
+    monkeypatch.setattr(warm_cli, "START_TIMEOUT_S", 0)
+    started = []
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(warm_cli.subprocess, "Popen", lambda *a, **k: started.append(real_popen(*a, **k)) or started[-1])
+    with pytest.raises(RuntimeError, match="the warm cmiexp server did not start"):
+        warm_cli.Server(WARM_ENV)
+    assert started and started[0].wait(timeout=30) is not None

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 COLD_ENV = "CMIEXP_TEST_COLD"
@@ -203,8 +204,12 @@ class Server:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.connectable():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.flush()
-                raise RuntimeError(f"the warm cmiexp server did not start:\n{(self.dir / 'server.log').read_text()}")
+                self.proc.kill()
+                self.proc.wait()
+                self.log.close()
+                log = (self.dir / "server.log").read_text(errors="replace")
+                shutil.rmtree(self.dir, ignore_errors=True)
+                raise RuntimeError(f"the warm cmiexp server did not start:\n{log}")
             time.sleep(0.1)
 
     def connectable(self) -> bool:
@@ -227,17 +232,23 @@ class Server:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_server: Server | None = None
+_server: Server | None | bool = None  # False: it failed to start, every command runs cold
 
 
 def server(base_env: dict) -> Server | None:
-    """This process's server, started on first use with ``base_env``; None under CMIEXP_TEST_COLD=1.
+    """This process's server, started on first use with ``base_env``; None under CMIEXP_TEST_COLD=1 or
+    when it cannot start (then every command runs cold, slower but the same, and a warning says why).
     (One per process: the tests import conftest under two names, this module under one.)"""
     global _server
-    if os.environ.get(COLD_ENV):
+    if os.environ.get(COLD_ENV) or _server is False:
         return None
     if _server is None:
-        _server = Server(base_env)
+        try:
+            _server = Server(base_env)
+        except RuntimeError as e:
+            _server = False
+            warnings.warn(f"{e}\nevery cmiexp command of this pytest worker runs cold", RuntimeWarning)
+            return None
         atexit.register(_server.stop)
     return _server
 
