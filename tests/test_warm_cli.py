@@ -106,3 +106,30 @@ def test_a_server_that_does_not_start_in_time_is_killed_and_says_so(monkeypatch)
     with pytest.raises(RuntimeError, match="the warm cmiexp server did not start"):
         warm_cli.Server(WARM_ENV)
     assert started and started[0].wait(timeout=30) is not None
+
+
+def test_a_timed_out_warm_command_is_killed_and_its_caller_state_applies(tmp_path):
+    """A timeout kills the command (as subprocess.run does); the caller's ignored signals and resource
+    limits are the command's too."""
+    import resource
+
+    (tmp_path / "sleeper.py").write_text("import os, time\nopen('pid', 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        warm_cli.run_module("sleeper", [], dict(WARM_ENV), str(tmp_path), 3, warm_socket())
+    pid = int((tmp_path / "pid").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped by the time the timeout is raised
+        os.kill(pid, 0)
+
+    (tmp_path / "state.py").write_text(
+        "import json, resource, signal\n"
+        "print(json.dumps([signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN,"
+        " resource.getrlimit(resource.RLIMIT_NOFILE)[0]]))\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    old = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 512), hard))
+    try:
+        warm = warm_cli.run_module("state", [], dict(WARM_ENV), str(tmp_path), 60, warm_socket())
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        signal.signal(signal.SIGUSR1, old)
+    assert json.loads(warm.stdout) == [True, min(soft, 512)]

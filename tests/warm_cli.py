@@ -1,12 +1,16 @@
 """A warm ``cmiexp`` for the test suite: the real command in a new process, without re-importing torch.
 
 Most end-to-end tests start the real command in a new process, as a user would, and on two cores about
-4-5 s of every start is importing torch, transformers, datasets, scikit-learn and scipy. This module
+4-9 s of every start is importing torch, transformers, datasets, scikit-learn and scipy. This module
 keeps one server process per pytest worker that has imported those third-party libraries once (never
 cmiexp itself) and forks a fresh child for each command. The child takes the command's argv,
 environment, working directory and file descriptors (stdin/stdout/stderr are the caller's own, passed
 over a Unix socket), imports cmiexp, runs the entry point and exits as the command would; the caller
-sees the same exit status, output and signals (a shim forwards SIGTERM/SIGINT/SIGHUP).
+sees the same exit status and output; SIGTERM/SIGINT/SIGHUP sent to a shim reach the command, signals the
+caller ignores stay ignored, its resource limits and umask apply, and a caller that dies or times out
+takes the command down. What differs from a new process: the process group (the server's), the hash
+seed (one per server), the peak-RSS counter (it starts at the server's), and the warning filters and
+modules the preloaded libraries installed (a cold `cmiexp --help` never imports torch).
 
 What a fork cannot change is what the preloaded libraries read when they were imported, so a command
 whose environment differs from the server's in any variable outside RUNTIME_KEYS / RUNTIME_PREFIXES
@@ -27,6 +31,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -48,7 +53,8 @@ RUNTIME_PREFIXES = ("CMIEXP", "WANDB_", "PYTEST_")  # CMIEXP, CMIEXP_REPORT: the
 RUNTIME_KEYS = frozenset({"PATH", "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES", "TERM", "NO_COLOR",
                           "FORCE_COLOR"})
 
-# Imported once by the server (import only: nothing computes, so no thread pool exists at fork time).
+# Imported once by the server. Import only: nothing computes, so no compute thread pool exists at fork
+# time (pyarrow leaves a jemalloc background thread, which jemalloc's own fork handlers take care of).
 PRELOAD = ("numpy", "torch", "transformers", "transformers.modeling_utils", "transformers.masking_utils",
            "transformers.activations", "transformers.generation", "transformers.trainer_utils",
            "transformers.models.bert.modeling_bert",
@@ -58,6 +64,12 @@ PRELOAD = ("numpy", "torch", "transformers", "transformers.modeling_utils", "tra
            "omegaconf", "hydra", "matplotlib.figure", "matplotlib.backends.backend_agg")
 
 MAX_MESSAGE = 1 << 20
+START_STREAMS = (sys.__stdin__, sys.__stdout__, sys.__stderr__)
+# Passed from the caller: which of these it ignores (nohup, `cmd &`) and its resource limits.
+CALLER_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+RLIMITS = tuple(getattr(resource, n) for n in ("RLIMIT_NOFILE", "RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_STACK",
+                                               "RLIMIT_CORE", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NPROC")
+                if hasattr(resource, n))
 START_TIMEOUT_S = 180
 
 
@@ -79,24 +91,34 @@ def _send(conn: socket.socket, obj: dict) -> None:
 
 
 def _reopen_stdio(unbuffered: bool) -> None:
-    """New sys.std* objects on fds 0-2, buffered as a fresh interpreter would buffer them."""
-    def text_out(fd, errors):
-        tty = os.isatty(fd)
-        if unbuffered:
-            import io
-            return io.TextIOWrapper(open(fd, "wb", buffering=0, closefd=False), encoding="utf-8", errors=errors,
-                                    write_through=True)
-        return open(fd, "w", buffering=1 if tty else -1, encoding="utf-8", errors=errors, closefd=False)
+    """New sys.std* objects on fds 0-2, set up as a fresh interpreter would: the encoding and error
+    handlers of this interpreter's own streams (same environment, so same locale rules), line-buffered
+    on a tty, stderr always line-buffered, write-through under PYTHONUNBUFFERED."""
+    import io
 
-    sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
-    sys.stdout = sys.__stdout__ = text_out(1, "strict")
-    sys.stderr = sys.__stderr__ = text_out(2, "backslashreplace")
+    def stream(fd, like, mode):
+        if mode == "r":
+            return open(fd, "r", encoding=like.encoding, errors=like.errors, closefd=False)
+        raw = open(fd, "wb", buffering=0 if unbuffered else -1, closefd=False)
+        return io.TextIOWrapper(raw, encoding=like.encoding, errors=like.errors, write_through=unbuffered,
+                                line_buffering=fd == 2 or os.isatty(fd))
+
+    sys.stdin = sys.__stdin__ = stream(0, START_STREAMS[0], "r")
+    sys.stdout = sys.__stdout__ = stream(1, START_STREAMS[1], "w")
+    sys.stderr = sys.__stderr__ = stream(2, START_STREAMS[2], "w")
 
 
 def _run_command(req: dict, fds: list[int], python_shim: str | None) -> None:
     """In the forked child: become the command and run it. Never returns; exits through SystemExit."""
     for signum in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL if signum != signal.SIGPIPE else signal.SIG_IGN)
+    for signum in req.get("ignored", []):  # what the caller ignores stays ignored, as across exec
+        signal.signal(signum, signal.SIG_IGN)
+    for which, limits in req.get("rlimits", []):
+        try:
+            resource.setrlimit(which, tuple(limits))
+        except (ValueError, OSError):
+            pass  # a hard limit above this server's cannot be raised
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -153,8 +175,22 @@ def _handle(conn: socket.socket, base: dict, added: dict, python_shim: str | Non
         for fd in fds:
             os.close(fd)
         _send(conn, {"pid": pid})
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # Linux < 5.3: wait without watching the caller
+            pidfd = None
+        while pidfd is not None:  # until the command exits; a caller that hangs up or sends "kill" takes it down
+            ready, _, _ = select.select([conn, pidfd], [], [])
+            if pidfd in ready:
+                break
+            if conn.recv(MAX_MESSAGE) in (b"", b"kill"):
+                os.kill(pid, signal.SIGKILL)
+                break
         _, status = os.waitpid(pid, 0)
-        _send(conn, {"status": status})
+        try:
+            _send(conn, {"status": status})
+        except OSError:
+            pass
     finally:
         os._exit(0)
 
@@ -259,12 +295,14 @@ def start(req: dict, fds: list[int], path: str | None) -> tuple[socket.socket, i
         return None
     req["umask"] = os.umask(0o022)
     os.umask(req["umask"])
+    req["ignored"] = [int(sig) for sig in CALLER_SIGNALS if signal.getsignal(sig) == signal.SIG_IGN]
+    req["rlimits"] = [(which, resource.getrlimit(which)) for which in RLIMITS]
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         conn.connect(path)
         socket.send_fds(conn, [json.dumps(req).encode()], fds)
         reply = json.loads(conn.recv(MAX_MESSAGE))
-    except OSError:
+    except (OSError, ValueError):  # no server, or its handler died: run cold
         conn.close()
         return None
     if "pid" not in reply:
@@ -276,11 +314,17 @@ def start(req: dict, fds: list[int], path: str | None) -> tuple[socket.socket, i
 def wait_status(conn: socket.socket, timeout: float | None = None) -> int:
     """The command's wait status (as os.waitpid gives it); socket.timeout when it runs past ``timeout``."""
     conn.settimeout(timeout)
-    while True:
-        try:
-            return json.loads(conn.recv(MAX_MESSAGE))["status"]
-        except InterruptedError:
-            continue
+    msg = conn.recv(MAX_MESSAGE)
+    if not msg:
+        raise RuntimeError("the warm cmiexp server's handler died before reporting the command's status")
+    return json.loads(msg)["status"]
+
+
+def _kill(conn: socket.socket) -> None:
+    try:
+        conn.send(b"kill")
+    except OSError:
+        pass
 
 
 def run_module(module: str, args: list[str], env: dict, cwd: str, timeout: float, path: str | None):
@@ -297,11 +341,14 @@ def run_module(module: str, args: list[str], env: dict, cwd: str, timeout: float
             try:
                 status = wait_status(conn, timeout)
             except socket.timeout:
-                os.kill(pid, signal.SIGKILL)
+                _kill(conn)  # the handler kills the command, then reports
                 wait_status(conn, 60)
                 out.seek(0), err.seek(0)
                 raise subprocess.TimeoutExpired(cmd, timeout, out.read().decode(errors="replace"),
                                                 err.read().decode(errors="replace"))
+            except BaseException:  # interrupted (pytest-timeout, Ctrl-C): the command must not outlive us
+                _kill(conn)
+                raise
         out.seek(0), err.seek(0)
         return subprocess.CompletedProcess(cmd, os.waitstatus_to_exitcode(status), out.read().decode(errors="replace"),
                                            err.read().decode(errors="replace"))
@@ -337,14 +384,15 @@ def _become(started: tuple[socket.socket, int]) -> None:
     """Forward signals to the warm child, wait for it, and exit as it did."""
     conn, pid = started
 
-    def forward(signum, _frame):
+    def forward(signum, _frame):  # (the handler reaps the command only after this shim stops waiting)
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, forward)
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, forward)
     status = wait_status(conn)
     if os.WIFSIGNALED(status):  # die of the same signal, as the caller would see the real command die
         sig = os.WTERMSIG(status)
