@@ -19,7 +19,9 @@ import json, os, sys
 import numpy
 print(json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "path0": sys.path[0], "probe": os.environ.get("CMIEXP_PROBE"),
                   "tty": sys.stdout.isatty(), "draw": float(numpy.random.random()),
-                  "preloaded_cmiexp": any(m == "cmiexp" or m.startswith("cmiexp.") for m in sys.modules)}))
+                  "preloaded_cmiexp": any(m == "cmiexp" or m.startswith("cmiexp.") for m in sys.modules),
+                  # reads WANDB_MODE at import, which warm_cli lets differ: it must not be preloaded
+                  "wandb_integration": "transformers.integrations.integration_utils" in sys.modules}))
 print("to stderr", file=sys.stderr)
 sys.exit(int(sys.argv[1]))
 '''
@@ -40,7 +42,7 @@ def test_a_warm_child_sees_what_a_new_process_sees(tmp_path):
         assert g["draw"] != want["draw"]
         for key in ("argv", "cwd", "path0", "probe", "tty", "preloaded_cmiexp"):
             assert g[key] == want[key], key
-    assert not want["preloaded_cmiexp"]
+    assert not want["preloaded_cmiexp"] and not any(g["wandb_integration"] for g in got)
     assert got[0]["draw"] != got[1]["draw"]  # numpy's global generator is reseeded in every child
     assert [w.returncode for w in warm] == [cold.returncode] * 2 == [3, 3]
     assert [w.stderr for w in warm] == [cold.stderr] * 2
