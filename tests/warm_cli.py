@@ -183,7 +183,11 @@ def _handle(conn: socket.socket, base: dict, added: dict, python_shim: str | Non
             ready, _, _ = select.select([conn, pidfd], [], [])
             if pidfd in ready:
                 break
-            if conn.recv(MAX_MESSAGE) in (b"", b"kill"):
+            try:
+                data = conn.recv(MAX_MESSAGE)
+            except OSError:  # the caller died with the connection in a reset state
+                data = b""
+            if data in (b"", b"kill"):
                 os.kill(pid, signal.SIGKILL)
                 break
         _, status = os.waitpid(pid, 0)
