@@ -9,9 +9,9 @@ of issue 16's goals. Everything is measured in this one invocation; nothing is h
 Each measurement runs in its own process (fresh peak-memory counters), started as `python -m cmiexp`
 with this interpreter, or as $CMIEXP when it is set (the scripts' convention, e.g. CMIEXP=cmiexp or a
 launcher prefix); only the training loop is timed, so how the process starts does not enter a ratio
-(the tests start them warm, forked from a server, whose peak-memory counters start at the server's). The configurations are run
-in interleaved repeats (HF, ce, cmi_min, ..., then again), so load from other users of the machine
-falls on all of them alike; the table shows medians and every ratio is the median of the ratios
+(the tests start them warm, forked from a server, whose peak-memory counters start at the server's).
+The configurations are run in interleaved repeats (HF, ce, cmi_min, ..., then again), so load from
+other users of the machine falls on all of them alike; the table shows medians and every ratio is the median of the ratios
 within a repeat. Both trainers use the same model files, data, batch size, precision, learning rate,
 dynamic padding and one epoch; the Trainer runs at its defaults otherwise (no length grouping), with
 evaluation, saving and logging off; cmiexp's timing (results.json train_samples_per_s) excludes its

@@ -52,10 +52,10 @@ def output_dir(tmp_path) -> Path:
     return d
 
 
-def offline_env(base: dict | None = None) -> dict:
-    """The environment of every command the tests run: this process's (or ``base``), offline, unbuffered,
-    with this checkout first on PYTHONPATH."""
-    env = dict(os.environ if base is None else base)
+def offline_env() -> dict:
+    """The environment of every command the tests run: this process's, offline, unbuffered, with this
+    checkout first on PYTHONPATH."""
+    env = dict(os.environ)
     env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=REPO_PYTHONPATH)
     return env
@@ -63,7 +63,7 @@ def offline_env(base: dict | None = None) -> dict:
 
 # The warm server's environment: this process's as it was before any test ran (a test's monkeypatch
 # or a library's os.environ.setdefault must not become what every later command is compared with).
-WARM_ENV = offline_env(dict(os.environ))
+WARM_ENV = offline_env()
 
 
 def warm_socket() -> str | None:

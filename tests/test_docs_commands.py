@@ -28,10 +28,9 @@ from pathlib import Path
 
 import pytest
 import warm_cli
-import yaml
 from filelock import FileLock
 
-from tests.conftest import REPO, offline_env, with_warm_cli
+from tests.conftest import REPO, compose_config, offline_env, with_warm_cli
 
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 # Every test here on one xdist worker (pyproject: --dist loadgroup): the documented commands run once, in
@@ -51,20 +50,16 @@ AS_WRITTEN = {"cmiexp-report", "grep", "find", "ls", "cat", "head", "tail", "wc"
 # objective=flownib probes (or an experiment overlay that selects it) train critics, not the model:
 # fewer critic steps on fewer rows.
 PROBE_REDUCTION = ["objective.steps=30", "objective.max_samples=128"]
+COMMAND_TIMEOUT_S = 300
 
 
 def is_probe(args: list[str]) -> bool:
-    """Whether a cmiexp command probes: objective=flownib, or experiment=X whose overlay selects it."""
+    """Whether a cmiexp command probes: objective=flownib, or an experiment overlay whose composed
+    config selects it (composed by Hydra, so an overlay that inherits the choice counts too)."""
     if "objective=flownib" in args:
         return True
-    for a in args:
-        if a.startswith("experiment="):
-            overlay = REPO / "conf" / "experiment" / f"{a.split('=', 1)[1]}.yaml"
-            defaults = (yaml.safe_load(overlay.read_text()) or {}).get("defaults", []) if overlay.is_file() else []
-            if any(isinstance(d, dict) and d.get("override /objective") == "flownib" for d in defaults):
-                return True
-    return False
-COMMAND_TIMEOUT_S = 300
+    overlays = [a for a in args if a.startswith("experiment=")]
+    return bool(overlays) and compose_config(overlays[-1:]).objective.name == "flownib"
 
 
 @dataclass

@@ -234,13 +234,12 @@ class Server:
     def __init__(self, base_env: dict):
         self.dir = Path(tempfile.mkdtemp(prefix="cmiexp-warm-"))
         self.path = str(self.dir / "sock")
-        self.base_env = dict(base_env)
         self.bin_dir = self.dir / "bin" if write_shims(self.dir / "bin") else None
         self.python_shim = self.dir / "py" / PYTHON_SHIM if self.bin_dir else None
         self.log = open(self.dir / "server.log", "wb")
         shim = [str(self.python_shim)] if self.python_shim else []
-        self.proc = subprocess.Popen([sys.executable, __file__, self.path, *shim], env=self.base_env, stdin=subprocess.PIPE,
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        self.proc = subprocess.Popen([sys.executable, __file__, self.path, *shim], env=dict(base_env),
+                                     stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.connectable():
             if self.proc.poll() is not None or time.monotonic() > deadline:
