@@ -87,3 +87,32 @@ def test_tiny_model_dir_changes_with_build_version(monkeypatch):
     before = tiny_model_dir("/c", "tiny-bert", spec, "h")
     monkeypatch.setattr("cmiexp.models.tiny.BUILD_VERSION", BUILD_VERSION + 1)
     assert tiny_model_dir("/c", "tiny-bert", spec, "h") != before
+
+
+def test_tiny_t5_starts_with_unit_scale_logits(tmp_path):
+    """tiny-t5 is built as the original T5 (head tied to the embedding, decoder outputs scaled by
+    d_model**-0.5), so a fresh model's first loss is near ln V, the loss of a uniform guess. Built
+    tied but unscaled (what transformers 5 makes of tie_word_embeddings=False), its logits had a
+    std of about sqrt(d_model) and a first loss of 40-60 nats per token."""
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from cmiexp.models.tiny import ensure_tiny_model
+
+    spec = OmegaConf.create({"architecture": "t5", "vocab_size": 600, "hidden_size": 128, "num_layers": 2,
+                             "num_heads": 2, "intermediate_size": 256, "max_position_embeddings": 512,
+                             "init_seed": 0})
+    path = ensure_tiny_model(tmp_path, "tiny-t5", spec, _texts())
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()  # the path every run takes
+    tok = AutoTokenizer.from_pretrained(path)
+    assert model.config.scale_decoder_outputs is True
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    enc = tok(_texts(16)[:16], max_length=48, truncation=True, padding=True, return_tensors="pt")
+    targets = tok(_texts(16)[16:], max_length=24, truncation=True, padding=True, return_tensors="pt").input_ids
+    targets[targets == tok.pad_token_id] = -100
+    with torch.no_grad():
+        out = model(**enc, labels=targets)
+    log_v = math.log(len(tok))
+    assert 0.8 * log_v < float(out.loss) < 1.3 * log_v, (float(out.loss), log_v)
+    assert float(out.logits.std()) < 2.0  # ~1 for unit-scale logits; ~11 (sqrt 128) unscaled

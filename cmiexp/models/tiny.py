@@ -88,16 +88,21 @@ def build_config(arch: str, spec, tokenizer):
                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id)
     if arch == "t5":
+        # The original T5 layout: LM head tied to the embedding and decoder outputs scaled by d_model**-0.5.
+        # transformers 5 builds every T5 from a config with a tied head and reads tie_word_embeddings=False
+        # only as "do not scale" (v1.1 checkpoints untie when loaded), so False gave a tied, unscaled head:
+        # logits of std ~sqrt(d_model) at init and a first loss of 40-60 nats per token (ln V is 8.3).
         return T5Config(vocab_size=v, d_model=h, d_ff=ff, num_layers=n_layers, num_decoder_layers=n_layers,
                         num_heads=n_heads, d_kv=max(h // n_heads, 8), feed_forward_proj="gated-gelu",
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+                        decoder_start_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
     raise ConfigError(f"unknown model.tiny.architecture={arch!r}; valid choices: {', '.join(ARCHITECTURES)}")
 
 
 # Bumped whenever the way a tiny model is built changes, so cached folders built the old
-# way are not reused (2: deterministic vocabularies, cmiexp/models/vocab.py).
-BUILD_VERSION = 2
+# way are not reused (2: deterministic vocabularies, cmiexp/models/vocab.py; 3: tiny-t5 scales its
+# decoder outputs, as the original T5 does with its tied head).
+BUILD_VERSION = 3
 
 
 def tiny_model_dir(cache_dir: str | Path, model_name: str, spec, texts_hash: str) -> Path:
