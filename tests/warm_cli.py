@@ -122,6 +122,8 @@ def _run_command(req: dict, fds: list[int], python_shim: str | None) -> None:
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
+    import gc
+    gc.enable()  # disabled in the server while it preloaded (see serve)
     os.chdir(req["cwd"])
     os.umask(req["umask"])
     os.environ.clear()
@@ -200,10 +202,17 @@ def _handle(conn: socket.socket, base: dict, added: dict, python_shim: str | Non
 
 
 def serve(path: str, python_shim: str | None = None) -> None:
+    import gc
     import importlib
     base = dict(os.environ)
+    # The fork recipe of the gc docs: no collection while the preloaded heap is built (no holes in its
+    # pages), then freeze it, so a command's collections, and its interpreter's finalisation, skip these
+    # objects instead of touching (and so copying) every page of them. Unfrozen, a warm child spent about
+    # 1.9 s of its exit copying the server's heap; a new process exits in milliseconds.
+    gc.disable()
     for name in PRELOAD:
         importlib.import_module(name)
+    gc.freeze()
     added = {k: v for k, v in os.environ.items() if k not in base}
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     lsock.bind(path)
