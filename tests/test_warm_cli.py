@@ -48,6 +48,46 @@ def test_a_warm_child_sees_what_a_new_process_sees(tmp_path):
     assert [w.stderr for w in warm] == [cold.stderr] * 2
 
 
+EXITS = r'''
+import atexit, sys, threading, time
+how = sys.argv[1]
+atexit.register(lambda: print("atexit ran", flush=True))
+def late():
+    time.sleep(0.3)
+    print("thread done", flush=True)
+threading.Thread(target=late).start()  # not a daemon: the exit waits for it, before the atexit callbacks
+print("buffered, never flushed by hand", end="")
+if how == "message":
+    sys.exit("a message on stderr")
+if how == "raise":
+    raise ValueError("uncaught")
+if how == "code":
+    sys.exit(300)  # exit statuses are taken modulo 256
+'''
+
+
+@pytest.mark.parametrize("how", ["message", "raise", "code", "return"])
+def test_a_warm_child_exits_as_a_new_process_does(tmp_path, how):
+    """The warm child skips the interpreter's teardown of the preloaded heap (warm_cli._exit_after), but not
+    what a command can see of its exit: status, traceback or message, threads joined, atexit callbacks,
+    buffered output flushed."""
+    (tmp_path / "exits_mod.py").write_text(EXITS)
+    warm = warm_cli.run_module("exits_mod", [how], WARM_ENV, str(tmp_path), 60, warm_socket())
+    cold = _cold("exits_mod", [how], WARM_ENV, tmp_path)
+    assert warm is not None
+    assert (warm.returncode, warm.stdout) == (cold.returncode, cold.stdout)
+    assert warm.stdout == "buffered, never flushed by handthread done\natexit ran\n"
+    assert warm.returncode == {"message": 1, "raise": 1, "code": 300 % 256, "return": 0}[how]
+    if how == "raise":  # the same traceback from the module's own frame on (the frames above it are the
+        # runners': runpy's in both, this runner's are dropped)
+        frame = f'  File "{tmp_path / "exits_mod.py"}"'
+        assert frame in warm.stderr and warm.stderr.startswith("Traceback (most recent call last):\n")
+        assert warm.stderr[warm.stderr.index(frame):] == cold.stderr[cold.stderr.index(frame):]
+        assert "warm_cli.py" not in warm.stderr
+    else:
+        assert warm.stderr == cold.stderr == ("a message on stderr\n" if how == "message" else "")
+
+
 @pytest.mark.parametrize("key", ["HF_HOME", "OMP_NUM_THREADS", "PYTHONPATH"])
 def test_an_environment_read_at_import_time_runs_cold(tmp_path, key):
     (tmp_path / "probe_mod.py").write_text(PROBE)
