@@ -40,6 +40,17 @@ def test_bench_flownib_quick_prints_ratio():
     assert "batched (all layers)" in out and "loop (one layer at a time)" in out
 
 
+@pytest.mark.slow
+def test_bench_warm_exit_prints_every_row_and_the_ratios():
+    out = _run(["benchmarks/bench_warm_exit.py", "--trials", "1"], env=offline_env())
+    rows = dict(re.findall(r"^\| (.+?) \| ([0-9.]+) \|$", out, flags=re.M))
+    assert set(rows) == {"child exit, heap as is", "child exit, heap frozen", "child exit, os._exit",
+                         "cmiexp --cfg job, new process", "cmiexp --cfg job, warm (tests/warm_cli.py)"}
+    assert all(float(v) > 0 for v in rows.values())
+    assert re.search(r"frozen heap: exit [0-9.]+x faster; os._exit: [0-9]+x faster", out)
+    assert re.search(r"warm cmiexp --cfg job: [0-9.]+x the speed of a new process", out) and "machine:" in out
+
+
 # --------------------------------------------------------------------- benchmarks/gpu_check.sh
 GPU_CHECK_ROWS = ["HF Trainer ce (defaults)", "cmiexp ce", "cmiexp cmi_min", "FlowNIB batched (all layers)",
                   "FlowNIB per-layer loop", "cmiexp ce, 2 processes (DDP)"]

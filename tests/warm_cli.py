@@ -9,8 +9,10 @@ over a Unix socket), imports cmiexp, runs the entry point and exits as the comma
 sees the same exit status and output; SIGTERM/SIGINT/SIGHUP sent to a shim reach the command, signals the
 caller ignores stay ignored, its resource limits and umask apply, and a caller that dies or times out
 takes the command down. What differs from a new process: the process group (the server's), the hash
-seed (one per server), the peak-RSS counter (it starts at the server's), and the warning filters and
-modules the preloaded libraries installed (a cold `cmiexp --help` never imports torch).
+seed (one per server), the peak-RSS counter (it starts at the server's), the warning filters and
+modules the preloaded libraries installed (a cold `cmiexp --help` never imports torch), and the end: a
+child exits as the interpreter does but skips the teardown of its modules (``_exit_after``), so the
+finalisers of objects still alive at exit do not run.
 
 What a fork cannot change is what the preloaded libraries read when they were imported, so a command
 whose environment differs from the server's in any variable outside RUNTIME_KEYS / RUNTIME_PREFIXES
