@@ -49,35 +49,52 @@ def test_a_warm_child_sees_what_a_new_process_sees(tmp_path):
 
 
 EXITS = r'''
-import atexit, sys, threading, time
+import atexit, io, sys, threading, time
 how = sys.argv[1]
-atexit.register(lambda: print("atexit ran", flush=True))
+# Buffered whatever PYTHONUNBUFFERED says (the suite sets it): what is printed below reaches the caller
+# only through the exit's own flush.
+sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), write_through=False)
+atexit.register(lambda: print("atexit ran"))
 def late():
     time.sleep(0.3)
-    print("thread done", flush=True)
+    print("thread done")
 threading.Thread(target=late).start()  # not a daemon: the exit waits for it, before the atexit callbacks
-print("buffered, never flushed by hand", end="")
+print("buffered", end="; ")
+class Cycle:
+    def __del__(self):
+        print("cycle finalised")
+c = Cycle()
+c.self = c
+del c  # unreachable now; only a collection finalises it
 if how == "message":
     sys.exit("a message on stderr")
 if how == "raise":
     raise ValueError("uncaught")
 if how == "code":
     sys.exit(300)  # exit statuses are taken modulo 256
+if how == "huge":
+    sys.exit(2 ** 64)  # does not fit a C long: -1, so 255
+if how == "no stdout":
+    sys.stdout.flush()
+    sys.stdout = None
 '''
+EXIT_STATUS = {"message": 1, "raise": 1, "code": 300 % 256, "huge": 255, "no stdout": 0, "return": 0}
 
 
-@pytest.mark.parametrize("how", ["message", "raise", "code", "return"])
+@pytest.mark.parametrize("how", list(EXIT_STATUS))
 def test_a_warm_child_exits_as_a_new_process_does(tmp_path, how):
     """The warm child skips the interpreter's teardown of the preloaded heap (warm_cli._exit_after), but not
     what a command can see of its exit: status, traceback or message, threads joined, atexit callbacks,
-    buffered output flushed."""
+    buffered output flushed, cyclic garbage finalised."""
     (tmp_path / "exits_mod.py").write_text(EXITS)
     warm = warm_cli.run_module("exits_mod", [how], WARM_ENV, str(tmp_path), 60, warm_socket())
     cold = _cold("exits_mod", [how], WARM_ENV, tmp_path)
     assert warm is not None
     assert (warm.returncode, warm.stdout) == (cold.returncode, cold.stdout)
-    assert warm.stdout == "buffered, never flushed by handthread done\natexit ran\n"
-    assert warm.returncode == {"message": 1, "raise": 1, "code": 300 % 256, "return": 0}[how]
+    assert warm.returncode == EXIT_STATUS[how]
+    if how != "no stdout":
+        assert set(warm.stdout.split("; ")[1].splitlines()) == {"cycle finalised", "thread done", "atexit ran"}
+        assert warm.stdout.startswith("buffered; ") and warm.stdout.index("thread done") < warm.stdout.index("atexit")
     if how == "raise":  # the same traceback from the module's own frame on (the frames above it are the
         # runners': runpy's in both, this runner's are dropped)
         frame = f'  File "{tmp_path / "exits_mod.py"}"'

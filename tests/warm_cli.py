@@ -155,26 +155,25 @@ def _exit_after(main) -> None:
     """Run ``main`` and exit as the interpreter would, without tearing down the preloaded heap.
 
     What a command can observe of an interpreter's exit happens here in the interpreter's order: the
-    exit status (SystemExit's code: None is 0, an int itself, anything else printed and 1; an uncaught
-    exception's traceback and 1), then waiting for non-daemon threads, the atexit callbacks (the
-    preloaded libraries' too: a new process registers them when it imports them), and flushing stdout
-    and stderr (a failed flush makes it 120, as in the interpreter). Then os._exit: the rest of a
-    normal exit is freeing every module's objects, which in a fork touches (copies) the whole preloaded
-    heap: about 0.45 s a command with the heap frozen, 1.9 s without. Not run, as a consequence: the
-    finalisers (``__del__``) of objects still referenced at exit. A KeyboardInterrupt keeps the normal
-    exit, which ends the process by SIGINT."""
+    exit status (SystemExit's code: None is 0, an int itself, -1 when it does not fit a C long, anything
+    else printed and 1; an uncaught exception's traceback and 1), waiting for non-daemon threads, the
+    atexit callbacks (the preloaded libraries' too: a new process registers them when it imports them),
+    flushing stdout and stderr (a failed flush makes it 120), collecting unreachable cycles (their
+    finalisers run) and flushing again. Then os._exit: the rest of a normal exit frees every module's
+    objects, which in a fork touches (copies) the whole preloaded heap: about 0.45 s a command with the
+    heap frozen, 1.9 s without (benchmarks/bench_warm_exit.py). Not run, as a consequence: finalisers
+    (``__del__``) of objects still referenced at exit, e.g. an unflushed file object in a module's
+    globals, or a replaced ``sys.stdout`` (a new process flushes the original one when it frees it).
+    A KeyboardInterrupt keeps the normal exit, which ends the process by SIGINT."""
     import atexit
+    import gc
     import threading
 
     try:
         main()
         status = 0
     except SystemExit as e:
-        if e.code is None or isinstance(e.code, int):
-            status = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            status = 1
+        status = _system_exit_status(e.code)
     except KeyboardInterrupt:
         raise
     except BaseException as e:
@@ -185,13 +184,47 @@ def _exit_after(main) -> None:
         status = 1
     threading._shutdown()  # stdlib-internal: what the interpreter calls to join non-daemon threads at exit
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    status = _flush_std_streams(status)
+    gc.collect()  # cheap: the preloaded heap is frozen, so this sees the command's own objects only
+    os._exit(_flush_std_streams(status) & 0xFF)
+
+
+def _system_exit_status(code) -> int:
+    """The exit status of ``SystemExit(code)``, printing a non-integer code as the interpreter does."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code if -(2 ** 63) <= code < 2 ** 63 else -1  # PyLong_AsLong's overflow gives -1
+    if sys.stderr is not None:
+        print(code, file=sys.stderr)
+    else:  # the interpreter then writes to the C-level stderr
+        os.write(2, f"{code}\n".encode(errors="replace"))
+    return 1
+
+
+def _flush_std_streams(status: int) -> int:
+    """Flush sys.stdout and sys.stderr as the interpreter does at exit: None and closed streams are
+    skipped (a stream without ``closed`` counts as open), a failed stdout flush is reported as ignored,
+    and any failure makes the status 120."""
+    for stream, report in ((sys.stdout, True), (sys.stderr, False)):
+        if stream is None:
+            continue
         try:
-            if not stream.closed:
-                stream.flush()
-        except Exception:  # a broken pipe, say: the interpreter then exits 120
+            if getattr(stream, "closed"):
+                continue
+        except Exception:
+            pass
+        try:
+            stream.flush()
+        except Exception as e:
+            if report and sys.stderr is not None:
+                try:
+                    print(f"Exception ignored in: {stream!r}", file=sys.stderr)
+                    traceback.print_exception(e, file=sys.stderr)
+                except Exception:
+                    pass
             status = 120
-    os._exit(status & 0xFF)
+    return status
 
 
 def _handle(conn: socket.socket, base: dict, added: dict, python_shim: str | None) -> None:
