@@ -23,7 +23,6 @@ import argparse
 import gc
 import importlib
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,18 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import warm_cli  # noqa: E402  (the test suite's runner, imported from tests/)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+from bench_trainer import machine  # noqa: E402  (this folder is sys.path[0] when run as a script)
 
 
 def fork_exit_seconds(fast: bool) -> float:
