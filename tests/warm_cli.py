@@ -31,6 +31,7 @@ it imports only the standard library at module level.
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import resource
@@ -41,6 +42,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -124,7 +126,6 @@ def _run_command(req: dict, fds: list[int], python_shim: str | None) -> None:
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
-    import gc
     gc.enable()  # disabled in the server while it preloaded (see serve)
     os.chdir(req["cwd"])
     os.umask(req["umask"])
@@ -165,10 +166,6 @@ def _exit_after(main) -> None:
     (``__del__``) of objects still referenced at exit, e.g. an unflushed file object in a module's
     globals, or a replaced ``sys.stdout`` (a new process flushes the original one when it frees it).
     A KeyboardInterrupt keeps the normal exit, which ends the process by SIGINT."""
-    import atexit
-    import gc
-    import threading
-
     try:
         main()
         status = 0
@@ -279,7 +276,6 @@ def _handle(conn: socket.socket, base: dict, added: dict, python_shim: str | Non
 
 
 def serve(path: str, python_shim: str | None = None) -> None:
-    import gc
     import importlib
     base = dict(os.environ)
     # The fork recipe of the gc docs: no collection while the preloaded heap is built (no holes in its
