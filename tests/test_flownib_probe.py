@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import math
 from pathlib import Path
 
@@ -214,6 +215,10 @@ def test_source_without_checkpoint_or_config_is_refused(finetuned, tmp_path):
     (bare / "results.json").write_text(json.dumps({"status": "failed"}))
     with pytest.raises(ConfigError, match="status 'failed'"):
         resolve_source(str(bare), cfg)
+    for text, why in (("{not json", "results.json is not valid JSON"), ("[1]", "does not hold a JSON object")):
+        (bare / "results.json").write_text(text)  # read through cmiexp.runs: one line naming the file
+        with pytest.raises(ConfigError, match=f"{re.escape(str(bare / 'results.json'))}: .*{why}"):
+            resolve_source(str(bare), cfg)
     # the checkpoint folder itself is accepted and mapped to its run
     src = resolve_source(str(finetuned / "checkpoint" / "best"), cfg)
     assert src.run_dir == finetuned and src.describe()["objective"] == "ce"

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cmiexp.checks import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Number, check_number, check_settings
 from cmiexp.config import CONF_DIR
 from cmiexp.errors import ConfigError
+from cmiexp.runs.results import ResultsUnreadable, load_results, read_results, results_path
 
 POOLING_CHOICES = ("mean", "cls", "last", "head")
 # The probe's settings are the keys of conf/objective/flownib.yaml, their one home (defaults included).
@@ -124,12 +125,12 @@ def resolve_source(source, cfg) -> ProbeSource:
         raise ConfigError(f"{key}: cannot read {cfg_file}: {str(e).splitlines()[0]}") from None
     if not isinstance(src_cfg, dict):
         raise ConfigError(f"{key}: {cfg_file} is not a run config")
-    results = None
-    if (p / "results.json").is_file():
-        try:
-            results = json.loads((p / "results.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"{key}: cannot read {p / 'results.json'}: {e}") from None
+    try:
+        results = load_results(p)
+    except FileNotFoundError:
+        results = None
+    except (OSError, ResultsUnreadable) as e:
+        raise ConfigError(f"{key}: {results_path(p)}: {e}") from None
     if (src_cfg.get("objective") or {}).get("probe"):
         raise ConfigError(f"{key} is itself a probe run; point to the run that trained the model")
     if results is not None and results.get("status") != "completed":
@@ -178,12 +179,7 @@ def load_compare_entries(entries: list[str]) -> list[tuple[str, dict, dict | Non
             raise ConfigError(f"objective.compare entry {given}: cannot read {f}: {e}") from None
         if not isinstance(d, dict) or "layers" not in d:
             raise ConfigError(f"objective.compare entry {given}: {f} is not a FlowNIB result")
-        res = None
-        if (f.parent / "results.json").is_file():
-            try:
-                res = json.loads((f.parent / "results.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                res = None
+        res = read_results(f.parent)
         out.append((compare_label(res, f.parent.name), d, res))
     return out
 
