@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,11 @@ GLUE8 = "glue/cola,glue/sst2,glue/mrpc,glue/qqp,glue/mnli,glue/qnli,glue/rte,glu
 
 
 def _env(cmiexp_env: dict) -> dict:
-    # The scripts call the commands of this interpreter; one BLAS thread is faster for tiny models on a
-    # shared CPU (and does not change what is tested).
-    return dict(cmiexp_env, CMIEXP=f"{sys.executable} -m cmiexp", CMIEXP_REPORT=f"{sys.executable} -m cmiexp.report",
-                OMP_NUM_THREADS="1")
+    # The scripts call `cmiexp` / `cmiexp-report` as a user's shell finds them: cmiexp_env puts this
+    # interpreter's warm shims first on PATH (tests/warm_cli.py), so the sweep, the report and the teachers
+    # the sweep provisions in child processes all start without re-importing torch. One BLAS thread is
+    # faster for tiny models on a shared CPU (and does not change what is tested).
+    return dict(cmiexp_env, CMIEXP="cmiexp", CMIEXP_REPORT="cmiexp-report", OMP_NUM_THREADS="1")
 
 
 def _run(script: str, args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
