@@ -44,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GLUE = REPO.parent / "shared" / "data" / "glue"
 FSDP_CONFIG = REPO / "conf" / "accelerate" / "fsdp.yaml"
 
+from bench_trainer import cmiexp_command  # noqa: E402  (this folder is sys.path[0] when run as a script)
+
 # bf16 dense tensor-core peaks in TFLOP/s (no 2:4 sparsity), from NVIDIA's datasheets. Matched in
 # order against torch.cuda.get_device_name(), so the more specific names come first.
 BF16_PEAK_TFLOPS = [
@@ -193,7 +195,8 @@ def run_trainer(a, s, model_dir: Path, work: Path, env: dict, budget: Budget) ->
     cfg = {"task": task_config(a, s, s["steps"] * s["batch"]), "model": model_cfg, "path": str(model_dir),
            "cache": str(work / "cache"), "out": str(work / "hf"), "batch": s["batch"], "steps": s["steps"],
            "bf16": a.precision == "bf16"}
-    proc = run([sys.executable, "-c", HF_SCRIPT, json.dumps(cfg)], env, budget, "the HF Trainer run")
+    proc = run([sys.executable, "-c", HF_SCRIPT, json.dumps(cfg)], dict(env, TOKENIZERS_PARALLELISM="false"),
+               budget, "the HF Trainer run")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -224,8 +227,12 @@ def run_cmiexp(a, s, model_dir, work: Path, name: str, objective: str, env: dict
                launcher: list[str] | None = None, batch: int | None = None, steps: int | None = None,
                extra: tuple = ()) -> dict:
     out = work / name
-    run_env = dict(env, CMIEXP_OUTPUT_DIR=str(out), CMIEXP_CACHE_DIR=str(work / "cache"))
-    cmd = [*(launcher or [sys.executable]), "-m", "cmiexp",
+    # $OUT is where this check's table goes (the device tool collects it), not the runs' business.
+    run_env = {k: v for k, v in env.items() if k != "OUT"}
+    run_env.update(CMIEXP_OUTPUT_DIR=str(out), CMIEXP_CACHE_DIR=str(work / "cache"))
+    # One process: $CMIEXP when set, as bench_trainer.py and the scripts take it; a launcher runs this Python's
+    # -m cmiexp under it.
+    cmd = [*([*launcher, "-m", "cmiexp"] if launcher else cmiexp_command()),
            *cmiexp_args(a, s, model_dir, objective, steps or s["steps"], batch or s["batch"]), *extra]
     run(cmd, run_env, budget, f"cmiexp {name}")
     return read_run(out)
@@ -348,8 +355,10 @@ def main(argv=None) -> int:
     if a.cpu_smoke:  # one thread per process: the smoke runs on small, shared CPUs
         os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         torch.set_num_threads(1)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    # The checkout first on PYTHONPATH (once: an environment that already has it is passed on as it is).
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
+               PYTHONPATH=os.pathsep.join(path if path[:1] == [str(REPO)] else [str(REPO), *path]))
     raw: dict = {"phase_s": budget.phases, "device": device_name, "gpus": n_gpu, "bf16_peak_tflops": peak, "settings": s}
     rows: list[list[str]] = []
 

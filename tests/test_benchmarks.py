@@ -59,6 +59,9 @@ GPU_CHECK_ROWS = ["HF Trainer ce (defaults)", "cmiexp ce", "cmiexp cmi_min", "Fl
 def _gpu_check_module():
     import importlib.util
 
+    # As when it runs as a script: its own folder first on sys.path (it imports bench_trainer).
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "benchmarks" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -90,7 +93,9 @@ def test_gpu_check_cpu_smoke_prints_one_table_with_finite_numbers(tmp_path):
 
     from cmiexp.models.hub_configs import published_config
 
-    env = dict(os.environ, OUT=str(tmp_path))
+    # Its two one-process cmiexp runs start warm ($CMIEXP=cmiexp, the shim on PATH); the Trainer's and the
+    # launchers' processes are new Pythons, as on a GPU machine.
+    env = dict(with_warm_cli(offline_env()), OUT=str(tmp_path), CMIEXP="cmiexp")
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
