@@ -566,6 +566,29 @@ def test_default_report_never_averages_different_trainings(tmp_path: Path, capsy
     capsys.readouterr()
 
 
+def test_runs_of_an_older_config_layout_are_not_pooled_with_new_ones(tmp_path: Path):
+    """Seeds 1-2 trained before model.tiny.build existed (their run_config.json lacks it), seeds 1-3 after
+    (build 3), in one sweep folder: the two trainings are two rows, not one cell of five "seeds"; a run
+    known only by its overrides (no run_config.json) cannot say, so it splits nothing."""
+    root = tmp_path / "sweep"
+    for seed, acc, build in [(1, 0.50, None), (2, 0.52, None), (1, 0.70, 3), (2, 0.72, 3), (3, 0.74, 3)]:
+        d = write_result(root, "glue/rte", "ce", seed, {"accuracy": acc}, model="tiny-bert",
+                         suffix="" if build is None else "-b3")
+        tiny = {"architecture": "bert", "hidden_size": 128, **({} if build is None else {"build": build})}
+        _with_run_config(d, {"seed": seed, "task": {"name": "glue/rte"}, "model": {"name": "tiny-bert", "tiny": tiny}})
+    table = build_table(collect_runs([root]), references=[])
+    assert [(r.label, r.cells["rte"].n, r.cells["rte"].mean) for r in table.rows] == [
+        ("tiny-bert / ce [model.tiny.build=(unset)]", 2, pytest.approx(51.0)),
+        ("tiny-bert / ce [model.tiny.build=3]", 3, pytest.approx(72.0))]
+    assert any(n.startswith("rows split by model.tiny.build") for n in table.notes)
+
+    legacy = tmp_path / "legacy"  # no run_config.json at all: only the overrides are known
+    for seed, acc in [(1, 0.5), (2, 0.6)]:
+        write_result(legacy, "glue/rte", "ce", seed, {"accuracy": acc}, overrides=[f"seed={seed}"])
+    (row,) = build_table(collect_runs([legacy]), references=[]).rows
+    assert row.cells["rte"].n == 2
+
+
 def test_report_help_examples_name_real_keys(capsys):
     from cmiexp.report import build_parser
 

@@ -89,6 +89,49 @@ def test_tiny_model_dir_changes_with_build_version(monkeypatch):
     assert tiny_model_dir("/c", "tiny-bert", spec, "h") != before
 
 
+def test_every_tiny_model_config_names_this_build():
+    """conf/model/tiny-*.yaml carry BUILD_VERSION as model.tiny.build (the run identity sees the YAML,
+    not the code): a bump of one without the other fails here."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import REPO
+
+    files = sorted((REPO / "conf" / "model").glob("tiny-*.yaml"))
+    assert len(files) == 5
+    assert {f.name: OmegaConf.load(f).tiny.build for f in files} == {f.name: BUILD_VERSION for f in files}
+
+
+@pytest.mark.parametrize("build,says", [(None, "model.tiny.build is not set"), (BUILD_VERSION - 1, "model.tiny.build=2:"),
+                                        ("3", "model.tiny.build='3':"), (True, "model.tiny.build=True:")])
+def test_a_spec_of_another_build_is_refused_before_building(tmp_path, build, says):
+    from cmiexp.errors import ConfigError
+    from cmiexp.models.tiny import ensure_tiny_model
+
+    spec = {"architecture": "bert", "vocab_size": 600, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64, "init_seed": 0}
+    if build is not None:
+        spec["build"] = build
+    with pytest.raises(ConfigError) as e:
+        ensure_tiny_model(tmp_path, "tiny-bert", spec, _texts())
+    assert str(e.value).startswith(says) and "\n" not in str(e.value) and str(BUILD_VERSION) in str(e.value)
+    assert not (tmp_path / "tiny-models").exists()  # nothing built
+
+
+def test_the_build_is_part_of_the_run_identity():
+    """A run trained on another tiny build (an older run_config.json has no model.tiny.build) has another
+    run folder: the same command after a bump trains anew instead of reusing or resuming it."""
+    from cmiexp.runs import config_hash, identity_config
+
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["model=tiny-t5", "task=cot/svamp"])
+    ident = identity_config(cfg)
+    assert ident["model"]["tiny"]["build"] == BUILD_VERSION
+    older = identity_config(cfg)
+    del older["model"]["tiny"]["build"]
+    assert config_hash(older) != config_hash(cfg) == config_hash(ident)
+
+
 def test_tiny_t5_starts_with_unit_scale_logits(tmp_path):
     """tiny-t5 is built as the original T5 (head tied to the embedding, decoder outputs scaled by
     d_model**-0.5), so a fresh model's first loss is near ln V, the loss of a uniform guess. Built
@@ -102,7 +145,7 @@ def test_tiny_t5_starts_with_unit_scale_logits(tmp_path):
 
     spec = OmegaConf.create({"architecture": "t5", "vocab_size": 600, "hidden_size": 128, "num_layers": 2,
                              "num_heads": 2, "intermediate_size": 256, "max_position_embeddings": 512,
-                             "init_seed": 0})
+                             "init_seed": 0, "build": BUILD_VERSION})
     path = ensure_tiny_model(tmp_path, "tiny-t5", spec, _texts())
     model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()  # the path every run takes
     tok = AutoTokenizer.from_pretrained(path)

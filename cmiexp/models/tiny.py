@@ -101,8 +101,25 @@ def build_config(arch: str, spec, tokenizer):
 
 # Bumped whenever the way a tiny model is built changes, so cached folders built the old
 # way are not reused (2: deterministic vocabularies, cmiexp/models/vocab.py; 3: tiny-t5 scales its
-# decoder outputs, as the original T5 does with its tied head).
+# decoder outputs, as the original T5 does with its tied head). conf/model/tiny-*.yaml carry it as
+# model.tiny.build, so it is part of every run's identity (cmiexp.runs.identity): after a bump the same
+# command trains into a new run folder (a run of the old build is neither reused nor resumed, and the
+# report splits rows by model.tiny.build instead of pooling old and new seeds); tests/test_tiny_models.py
+# checks the YAML files agree with it.
 BUILD_VERSION = 3
+
+
+def check_build(spec) -> None:
+    """A tiny model spec must name the build this cmiexp makes (``model.tiny.build``): a run that says
+    another build, or none, would record an identity that is not what it trained."""
+    build = spec.get("build") if hasattr(spec, "get") else None
+    if build is None:
+        raise ConfigError(f"model.tiny.build is not set: this cmiexp builds tiny models at version {BUILD_VERSION}; "
+                          f"add `build: {BUILD_VERSION}` under tiny: (as conf/model/tiny-*.yaml do), so the run's "
+                          "identity records it")
+    if isinstance(build, bool) or not isinstance(build, int) or build != BUILD_VERSION:
+        raise ConfigError(f"model.tiny.build={build!r}: this cmiexp builds tiny models at version {BUILD_VERSION} "
+                          f"only (older builds cannot be made again); set model.tiny.build={BUILD_VERSION}")
 
 
 def tiny_model_dir(cache_dir: str | Path, model_name: str, spec, texts_hash: str) -> Path:
@@ -127,6 +144,7 @@ def ensure_tiny_model(cache_dir: str | Path, model_name: str, spec, texts: list[
     """
     from transformers import AutoModel, AutoModelForSeq2SeqLM
 
+    check_build(spec)
     arch = spec.architecture
     out = tiny_model_dir(cache_dir, model_name, spec, hash_texts(texts))
     if (out / "config.json").exists():

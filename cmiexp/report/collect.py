@@ -58,6 +58,9 @@ class RunRecord:
     # dotted key -> value of what the run trained with: the hashed config of run_config.json, or,
     # for runs written before it existed, the key=value overrides (see run_settings)
     settings: dict = field(default_factory=dict)
+    # True when ``settings`` is the whole hashed config (run_config.json): a key it lacks was not in the
+    # config the run trained with (a key added since, such as model.tiny.build), not merely unknown
+    settings_complete: bool = False
     collapsed: bool = False  # the run's dev predictions were (nearly) all one class (results.json)
     collapse_note: str | None = None
     # results.json ``test``: metrics of the selected model on the test split (absent without one)
@@ -212,6 +215,7 @@ def _read_results(path: Path, root: Path) -> RunRecord:
     if status not in STATUSES:
         return _corrupt(path, root, f"results.json has unknown status {status!r}")
     overrides = data.get("overrides")
+    settings, complete = run_settings_record(path.parent, overrides if isinstance(overrides, list) else ())
     err = data.get("error")
     teacher = data.get("teacher") if isinstance(data.get("teacher"), dict) else None
     return RunRecord(
@@ -233,7 +237,8 @@ def _read_results(path: Path, root: Path) -> RunRecord:
         overrides=tuple(str(o) for o in overrides) if isinstance(overrides, list) else (),
         collapsed=data.get("collapsed") is True,
         collapse_note=collapse_text(data),
-        settings=run_settings(path.parent, overrides if isinstance(overrides, list) else ()),
+        settings=settings,
+        settings_complete=complete,
         test=_numbers(data.get("test")),
         teacher=teacher,
     )
@@ -249,14 +254,20 @@ def _numbers(block: Any) -> dict | None:
 def run_settings(run_dir: Path, overrides: Iterable[str]) -> dict:
     """What a run trained with, as dotted key -> value: its run_config.json (the resolved config the
     run directory's hash was taken over), else the key=value overrides it was started with."""
+    return run_settings_record(run_dir, overrides)[0]
+
+
+def run_settings_record(run_dir: Path, overrides: Iterable[str]) -> tuple[dict, bool]:
+    """``run_settings`` and whether they are the whole hashed config (True: from run_config.json)."""
     record = read_run_config(run_dir)
     if record is not None:
-        return {k: v for k, v in flatten(record["config"]).items() if isinstance(v, (str, int, float, bool, type(None)))}
+        return {k: v for k, v in flatten(record["config"]).items()
+                if isinstance(v, (str, int, float, bool, type(None)))}, True
     out = {}
     for o in overrides:
         if "=" in o:
             out[override_key(o)] = o.split("=", 1)[1].strip()
-    return out
+    return out, False
 
 
 def override_key(o: str) -> str:
@@ -278,7 +289,7 @@ def _read_missing(run_dir: Path, root: Path) -> RunRecord | None:
             for k, v in ident.items():
                 setattr(rec, k, v)
             rec.overrides = _read_overrides(run_dir)
-            rec.settings = run_settings(run_dir, rec.overrides)
+            rec.settings, rec.settings_complete = run_settings_record(run_dir, rec.overrides)
             return rec
     return None
 

@@ -159,7 +159,22 @@ def _variant(rec: RunRecord, group_by: Sequence[str]) -> tuple[str, ...]:
     for k in group_by:  # the value the run trained with wins over how it was spelled
         if k in rec.settings:
             found[k] = f"{k}={rec.settings[k]}"
+        elif rec.settings_complete and k not in found:  # a group (head=pooling) is no scalar key of it
+            found[k] = f"{k}={UNSET}"
     return tuple(found[k] for k in group_by if k in found)
+
+
+#: How a key absent from a run's whole hashed config is shown (and compared): the run trained before
+#: the key existed, so it is not the same training as a run that has it.
+UNSET = "(unset)"
+
+
+def setting_of(rec: RunRecord, key: str) -> str | None:
+    """``key``'s value in ``rec`` as compared between runs (JSON), ``UNSET`` when the run's whole config
+    lacks it, None when unknown (a run known only by its overrides)."""
+    if key in rec.settings:
+        return json.dumps(rec.settings[key], sort_keys=True)
+    return UNSET if rec.settings_complete else None
 
 
 # Keys that place a run in a cell already (its column and row) or are the replicate index.
@@ -185,12 +200,12 @@ def varying_keys(records: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
             continue
         keys = {k for r in runs for k in r.settings} - set(_CELL_KEYS)
         for k in keys:
-            have = [r for r in runs if k in r.settings]
-            if len(have) < 2 or len({json.dumps(r.settings[k], sort_keys=True) for r in have}) < 2:
+            have = [(r, v) for r in runs if (v := setting_of(r, k)) is not None]
+            if len(have) < 2 or len({v for _, v in have}) < 2:
                 continue
             by_seed: dict = {}
-            for r in have:
-                by_seed.setdefault(r.seed, set()).add(json.dumps(r.settings[k], sort_keys=True))
+            for r, v in have:
+                by_seed.setdefault(r.seed, set()).add(v)
             values = {v for vs in by_seed.values() for v in vs}
             one_per_seed = all(len(vs) == 1 for vs in by_seed.values()) and len(values) == len(by_seed)
             (per_seed if one_per_seed else group).add(k)
