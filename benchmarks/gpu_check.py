@@ -235,7 +235,11 @@ def run_cmiexp(a, s, model_dir, work: Path, name: str, objective: str, env: dict
     cmd = [*([*launcher, "-m", "cmiexp"] if launcher else cmiexp_command()),
            *cmiexp_args(a, s, model_dir, objective, steps or s["steps"], batch or s["batch"]), *extra]
     run(cmd, run_env, budget, f"cmiexp {name}")
-    return read_run(out)
+    res = read_run(out)
+    if not launcher and res.get("num_processes") != 1:  # e.g. a $CMIEXP that is a launcher prefix
+        raise SystemExit(f"gpu_check: the one-process run {name} ran on num_processes={res.get('num_processes')} "
+                         f"(CMIEXP={os.environ.get('CMIEXP', '')!r}); unset CMIEXP or make it start one process")
+    return res
 
 
 # --------------------------------------------------------------------- FlowNIB
@@ -355,7 +359,8 @@ def main(argv=None) -> int:
     if a.cpu_smoke:  # one thread per process: the smoke runs on small, shared CPUs
         os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         torch.set_num_threads(1)
-    # The checkout first on PYTHONPATH (once: an environment that already has it is passed on as it is).
+    # The checkout first on PYTHONPATH (added unless it is first already, so the test suite's environment,
+    # which starts with it, is passed on as it is and its commands can start warm).
     path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline",
                PYTHONPATH=os.pathsep.join(path if path[:1] == [str(REPO)] else [str(REPO), *path]))

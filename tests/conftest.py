@@ -54,10 +54,12 @@ def output_dir(tmp_path) -> Path:
 
 def offline_env() -> dict:
     """The environment of every command the tests run: this process's, offline, unbuffered, with this
-    checkout first on PYTHONPATH."""
+    checkout first on PYTHONPATH and this interpreter's console scripts (cmiexp, cmiexp-report) first on
+    PATH, so a script that calls `cmiexp` finds this install also when commands run cold."""
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=REPO_PYTHONPATH)
+               PYTHONPATH=REPO_PYTHONPATH,
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     return env
 
 

@@ -582,11 +582,56 @@ def test_runs_of_an_older_config_layout_are_not_pooled_with_new_ones(tmp_path: P
         ("tiny-bert / ce [model.tiny.build=3]", 3, pytest.approx(72.0))]
     assert any(n.startswith("rows split by model.tiny.build") for n in table.notes)
 
+    # One run of each layout on different seeds is not "one value per seed" (replicates): still two rows.
+    one_each = tmp_path / "one_each"
+    for seed, acc, tiny in [(1, 0.50, {"hidden_size": 128}), (2, 0.72, {"hidden_size": 128, "build": 3})]:
+        d = write_result(one_each, "glue/rte", "ce", seed, {"accuracy": acc}, model="tiny-bert")
+        _with_run_config(d, {"seed": seed, "task": {"name": "glue/rte"}, "model": {"name": "tiny-bert", "tiny": tiny}})
+    table = build_table(collect_runs([one_each]), references=[])
+    assert [r.cells["rte"].n for r in table.rows] == [1, 1]
+    assert not any("pooled as replicates" in n for n in table.notes)
+    # --group-by chooses other keys: the rows are not split, and a note says what else differs.
+    table = build_table(collect_runs([one_each]), references=[], group_by=["trainer.lr"])
+    assert [r.cells["rte"].n for r in table.rows] == [2]
+    assert any(n.startswith("runs of one row also differ in model.tiny.build") for n in table.notes)
+
+    # Lists are compared (two target_modules are two trainings), and a key below a null parent
+    # (teacher_config of one run, null in the other) is carried by the parent, not split again as (unset).
+    lists = tmp_path / "lists"
+    for i, (mods, tc) in enumerate([(["query"], None), (["query", "value"], {"model": "tiny-bert", "objective": "ce"})]):
+        seed = 1  # the same seed: a key with one value per seed would be pooled as a replicate
+        d = write_result(lists, "glue/rte", "ce", seed, {"accuracy": 0.6}, model="tiny-bert", suffix=f"-{i}")
+        _with_run_config(d, {"seed": seed, "task": {"name": "glue/rte"}, "model": {"name": "tiny-bert"},
+                             "peft": {"target_modules": mods}, "objective": {"name": "ce", "teacher_config": tc}})
+    table = build_table(collect_runs([lists]), references=[])
+    split = next(n for n in table.notes if n.startswith("rows split by"))
+    assert "peft.target_modules" in split and "objective.teacher_config," in split + ","
+    assert "objective.teacher_config.model" not in split and len(table.rows) == 2
+    # A config group named on the command line (head=masking) is not a key of the config: runs without
+    # the override are not labelled (unset) when grouping by it.
+    heads = tmp_path / "heads"
+    for seed, head in [(1, "masking"), (2, None)]:
+        d = write_result(heads, "glue/rte", "ce", seed, {"accuracy": 0.6}, model="tiny-bert",
+                         overrides=[f"seed={seed}", *([f"head={head}"] if head else [])])
+        _with_run_config(d, {"seed": seed, "task": {"name": "glue/rte"}, "model": {"name": "tiny-bert"},
+                             "head": {"name": head or "pooling"}})
+    labels = [r.label for r in build_table(collect_runs([heads]), references=[], group_by=["head"]).rows]
+    assert labels == ["tiny-bert / ce", "tiny-bert / ce [head=masking]"], labels
+
     legacy = tmp_path / "legacy"  # no run_config.json at all: only the overrides are known
     for seed, acc in [(1, 0.5), (2, 0.6)]:
         write_result(legacy, "glue/rte", "ce", seed, {"accuracy": acc}, overrides=[f"seed={seed}"])
     (row,) = build_table(collect_runs([legacy]), references=[]).rows
     assert row.cells["rte"].n == 2
+    # ... nor against a whole config where the key it names is a group or absent (experiment=, task=).
+    mixed = tmp_path / "mixed"
+    for seed in (1, 2):
+        typed = [f"seed={seed}", "experiment=x", "task=glue/rte"]
+        write_result(mixed, "glue/rte", "ce", seed, {"accuracy": 0.6}, overrides=typed)
+        d = write_result(mixed, "glue/rte", "ce", seed, {"accuracy": 0.7}, overrides=typed, suffix="-new")
+        _with_run_config(d, {"seed": seed, "task": {"name": "glue/rte"}, "model": {"name": BERT}})
+    table = build_table(collect_runs([mixed]), references=[])
+    assert len(table.rows) == 1 and not any(n.startswith("rows split by") for n in table.notes), table.notes
 
 
 def test_report_help_examples_name_real_keys(capsys):

@@ -261,8 +261,8 @@ def run_settings_record(run_dir: Path, overrides: Iterable[str]) -> tuple[dict, 
     """``run_settings`` and whether they are the whole hashed config (True: from run_config.json)."""
     record = read_run_config(run_dir)
     if record is not None:
-        return {k: v for k, v in flatten(record["config"]).items()
-                if isinstance(v, (str, int, float, bool, type(None)))}, True
+        # every leaf, lists and empty mappings included: a key missing here is missing from the config
+        return flatten(record["config"]), True
     out = {}
     for o in overrides:
         if "=" in o:

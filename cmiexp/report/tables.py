@@ -159,7 +159,7 @@ def _variant(rec: RunRecord, group_by: Sequence[str]) -> tuple[str, ...]:
     for k in group_by:  # the value the run trained with wins over how it was spelled
         if k in rec.settings:
             found[k] = f"{k}={rec.settings[k]}"
-        elif rec.settings_complete and k not in found:  # a group (head=pooling) is no scalar key of it
+        elif k not in found and setting_of(rec, k) == UNSET:
             found[k] = f"{k}={UNSET}"
     return tuple(found[k] for k in group_by if k in found)
 
@@ -167,14 +167,26 @@ def _variant(rec: RunRecord, group_by: Sequence[str]) -> tuple[str, ...]:
 #: How a key absent from a run's whole hashed config is shown (and compared): the run trained before
 #: the key existed, so it is not the same training as a run that has it.
 UNSET = "(unset)"
+#: How a key is compared in a run where it holds keys of its own (a mapping against another run's null).
+MAPPING = "(a mapping)"
 
 
 def setting_of(rec: RunRecord, key: str) -> str | None:
-    """``key``'s value in ``rec`` as compared between runs (JSON), ``UNSET`` when the run's whole config
-    lacks it, None when unknown (a run known only by its overrides)."""
+    """``key``'s value in ``rec`` as compared between runs (JSON); ``UNSET`` when the run's whole config
+    lacks it; ``MAPPING`` when it holds keys of its own in this run (``objective.teacher_config`` set
+    here, null in another run); None when it cannot be compared: unknown (a run known only by its
+    overrides), or a key below one the run has as a leaf (``objective.teacher_config.model`` where
+    ``objective.teacher_config`` is null), whose difference that leaf already carries."""
     if key in rec.settings:
-        return json.dumps(rec.settings[key], sort_keys=True)
-    return UNSET if rec.settings_complete else None
+        return json.dumps(rec.settings[key], sort_keys=True, default=str)
+    if not rec.settings_complete:
+        return None
+    parts = key.split(".")
+    if any(".".join(parts[:i]) in rec.settings for i in range(1, len(parts))):
+        return None
+    if any(k.startswith(key + ".") for k in rec.settings):
+        return MAPPING
+    return UNSET
 
 
 # Keys that place a run in a cell already (its column and row) or are the replicate index.
@@ -203,11 +215,17 @@ def varying_keys(records: Sequence[RunRecord]) -> tuple[list[str], list[str]]:
             have = [(r, v) for r in runs if (v := setting_of(r, k)) is not None]
             if len(have) < 2 or len({v for _, v in have}) < 2:
                 continue
+            if any(v in (MAPPING, UNSET) for _, v in have) and not all(r.settings_complete for r, _ in have):
+                # an override of a run known only by its overrides (`task=glue/rte`, `experiment=x`) against
+                # a whole config where the key is a group or no key at all: not comparable
+                continue
             by_seed: dict = {}
             for r, v in have:
                 by_seed.setdefault(r.seed, set()).add(v)
             values = {v for vs in by_seed.values() for v in vs}
-            one_per_seed = all(len(vs) == 1 for vs in by_seed.values()) and len(values) == len(by_seed)
+            # a key some runs lack is a change of config layout (an older cmiexp), never a per-seed replicate
+            one_per_seed = (all(len(vs) == 1 for vs in by_seed.values()) and len(values) == len(by_seed)
+                            and UNSET not in values)
             (per_seed if one_per_seed else group).add(k)
     return sorted(group), sorted(per_seed - group)
 
@@ -376,8 +394,13 @@ def build_table(
         columns.append(Column(key=key, header=task_header(key), metric=spec, digits=d))
     col_by_key = {c.key: c for c in columns}
 
+    auto, per_seed = varying_keys(placed)
+    if group_by is not None:
+        unsplit = [k for k in auto if k not in set(group_by) | set(average_over)]
+        if unsplit:
+            notes.append(f"runs of one row also differ in {', '.join(unsplit)} (not split: --group-by chose the "
+                         "keys; add them to split, or --average-over to pool them knowingly)")
     if group_by is None:
-        auto, per_seed = varying_keys(placed)
         group_by = tuple(k for k in auto if k not in set(average_over))
         if group_by:
             notes.append(f"rows split by {', '.join(group_by)}: these keys vary across runs other than the seed "
