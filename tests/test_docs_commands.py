@@ -17,7 +17,6 @@ used must exist (bench_mi and bench_flownib run, reduced, in tests/test_benchmar
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -275,8 +274,8 @@ def make_workspace(root: Path) -> Path:
 def command_env(root: Path) -> dict:
     env = offline_env()
     env.pop("CMIEXP_OUTPUT_DIR", None)  # the commands write outputs/ under their cwd, as documented
-    env.update(CMIEXP_CACHE_DIR=str(root / "cache"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-               PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]))
+    # offline_env already puts this interpreter's console scripts first on PATH
+    env.update(CMIEXP_CACHE_DIR=str(root / "cache"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return with_warm_cli(env)
 
 

@@ -112,7 +112,7 @@ BUILD_VERSION = 3
 def check_build(spec) -> None:
     """A tiny model spec must name the build this cmiexp makes (``model.tiny.build``): a run that says
     another build, or none, would record an identity that is not what it trained."""
-    build = spec.get("build") if hasattr(spec, "get") else None
+    build = spec.get("build")
     if build is None:
         raise ConfigError(f"model.tiny.build is not set: this cmiexp builds tiny models at version {BUILD_VERSION}; "
                           f"add `build: {BUILD_VERSION}` under tiny: (as conf/model/tiny-*.yaml do), so the run's "
